@@ -1,0 +1,5 @@
+import sys
+
+from vitspec.cli import main
+
+sys.exit(main())

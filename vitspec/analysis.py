@@ -1,0 +1,217 @@
+"""``vitspec.analyze``: model + images -> streamed Fourier-domain oversmoothing measures."""
+
+from __future__ import annotations
+
+import fnmatch
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import vitspec
+from vitspec.adapters import get_adapter
+from vitspec.capture import capture, check_sites
+from vitspec.collect import Collector
+from vitspec.errors import VitspecError
+from vitspec.inputs import eval_transform, iter_batches, open_images
+from vitspec.loading import LoadedModel, load_model
+from vitspec.metrics import MetricSpec, list_metrics
+from vitspec.results import METRIC_COLUMNS, SPECTRA_COLUMNS, Result, moments_frame, validate
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise VitspecError(f"unknown device {device!r}; allowed: auto, cpu, cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise VitspecError("--device cuda was asked for but CUDA is not available on this machine; "
+                           "use --device cpu or auto")
+    return torch.device(device)
+
+
+def select_metrics(patterns: str | Sequence[str] | None) -> list[MetricSpec]:
+    """Metrics whose names match any of the comma-separated fnmatch patterns (default: all)."""
+    specs = list_metrics()
+    if patterns is None:
+        return specs
+    if isinstance(patterns, str):
+        patterns = [p.strip() for p in patterns.split(",") if p.strip()]
+    chosen = [s for s in specs if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(s.name, p) for s in specs)]
+    if unmatched or not chosen:
+        raise VitspecError(f"no metric matches {unmatched[0] if unmatched else patterns!r}; "
+                           f"allowed: {', '.join(s.name for s in specs)}")
+    return chosen
+
+
+def load(model: str | nn.Module, *, ckpt=None, random_init=False, seed=0, ema=False,
+         strict=True, model_kwargs=None) -> LoadedModel:
+    """A ``LoadedModel`` from a name (loading weights) or an in-memory module (used as is)."""
+    if isinstance(model, nn.Module):
+        name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+        return LoadedModel(model=model.eval(), name=name, timm_name=name, checkpoint="in-memory",
+                           provenance={"source": "in-memory"})
+    return load_model(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema,
+                      strict=strict, model_kwargs=model_kwargs)
+
+
+def analyze(
+    model: str | nn.Module,
+    *,
+    ckpt: str | Path | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    ema: bool = False,
+    strict: bool = True,
+    images: str | Path | Iterable | None = None,
+    num_images: int | None = None,
+    sites: Sequence[str] = ("embed", "block"),
+    metrics: str | Sequence[str] | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+    label: str | None = None,
+    progress: bool = False,
+    warn: Callable[[str], None] | None = None,
+    model_kwargs: dict | None = None,
+) -> Result:
+    """Capture every block's tokens and attention on a set of images and reduce them to metrics.
+
+    Args:
+        model: a timm model name or alias (``deit_small``), or an ``nn.Module`` used as is.
+        ckpt: local checkpoint file (state dict, ``{'model': sd}``, safetensors, ...).
+        random_init: analyse randomly initialised weights (seeded by ``seed``).
+        ema: load ``model_ema`` from a training checkpoint instead of ``model``.
+        strict: refuse checkpoints with missing/unexpected keys (else record warnings).
+        images: folder of images (recursive), default the bundled sample photographs; or an
+            iterable of preprocessed batches (``[B, 3, H, W]`` tensors, or tuples whose first
+            item is one, e.g. a ``DataLoader``).
+        num_images: the first N readable images in sorted path order (or of the batches).
+        sites: token sites among ``embed``, ``mid``, ``block``.
+        metrics: fnmatch patterns of metric names (``"hc_*,attn_entropy"``); default all.
+        batch_size: images per forward pass.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        label: run label; default the checkpoint's file stem or ``random-init``.
+        progress: show a tqdm bar on stderr (the CLI turns it on for terminals).
+        warn: receives one-line warnings (default: print to stderr).
+        model_kwargs: extra ``timm.create_model`` arguments (tiny test models).
+
+    Returns:
+        A ``Result`` with ``.metrics`` and ``.spectra`` DataFrames and ``.info`` provenance.
+
+    Example:
+        >>> r = analyze("vit_tiny", random_init=True, num_images=2,
+        ...             model_kwargs=dict(depth=2))  # doctest: +SKIP
+        >>> r.metric("hc_dc_ratio", site="block")  # doctest: +SKIP
+    """
+    warn = warn or _stderr_warn
+    sites = check_sites(sites)
+    specs = select_metrics(metrics)
+    dev = resolve_device(device)
+    if batch_size < 1:
+        raise VitspecError(f"--batch-size must be >= 1, got {batch_size}")
+    loaded = load(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema, strict=strict,
+                  model_kwargs=model_kwargs)
+    for line in loaded.provenance.get("warnings", []):
+        warn(line)
+    net = loaded.model.eval()
+    adapter = get_adapter(net, loaded.timm_name)
+    if images is None or isinstance(images, (str, Path)):
+        image_set = open_images(images, num_images)
+        batches = iter_batches(image_set, eval_transform(net), batch_size, warn=warn)
+        total = num_images if num_images is not None else len(image_set.paths)
+    else:
+        image_set, batches, total = None, _tensor_batches(images, num_images), num_images
+    net.to(dev)
+
+    collector = Collector(specs, adapter.num_prefix, warn)
+    attention = any(s.kind.startswith("attn") for s in specs)
+    bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, leave=False)
+    used = 0
+    start = time.perf_counter()
+    with torch.inference_mode(), capture(
+        adapter, sites=sites, on_tokens=collector.on_tokens,
+        on_attention=collector.on_attention if attention else None,
+    ):
+        for batch in batches:
+            collector.start_batch(adapter.grid(tuple(batch.shape[-2:])))
+            net(batch.to(dev, non_blocking=True))
+            bar.update(batch.shape[0])
+            used += batch.shape[0]
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    wall = time.perf_counter() - start
+    bar.close()
+
+    label = label or (Path(loaded.checkpoint).stem if loaded.checkpoint != "random-init"
+                      else "random-init")
+    ids = {"run": f"{loaded.name}-{label}", "model": loaded.name, "checkpoint": loaded.checkpoint}
+    kinds = {s.name: s.kind for s in specs}
+    metric_rows, spectra_rows = collector.rows(kinds, adapter.depth, ids)
+    table = moments_frame(metric_rows, METRIC_COLUMNS)
+    spectra = moments_frame(spectra_rows, SPECTRA_COLUMNS)
+    validate(table, spectra)
+    info = {
+        "vitspec": vitspec.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "run": ids["run"],
+        "model": loaded.name,
+        "timm_name": loaded.timm_name,
+        "checkpoint": loaded.checkpoint,
+        "weights": loaded.provenance,
+        "random_init": loaded.checkpoint == "random-init",
+        "family": adapter.family,
+        "depth": adapter.depth,
+        "num_heads": collector.num_heads,
+        "num_prefix_tokens": adapter.num_prefix,
+        "grid": list(collector.grid),
+        "images": {"source": image_set.source if image_set else "tensors",
+                   "requested": num_images, "used": used,
+                   "skipped": image_set.skipped if image_set else [],
+                   "files": image_set.used if image_set else []},
+        "sites": list(sites),
+        "metrics": [s.name for s in specs],
+        "attention_refused": {str(k): v for k, v in collector.refused.items()},
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "dtype": "float32 forward, float64 metrics and accumulation",
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
+        "wall_time_s": round(wall, 3),
+        "images_per_s": round(used / wall, 3) if wall > 0 else None,
+        "command": " ".join(sys.argv),
+    }
+    return Result(metrics=table, spectra=spectra, info=info)
+
+
+def _tensor_batches(batches: Iterable, num_images: int | None) -> Iterator:
+    """Preprocessed batches from a user's iterable, cut after ``num_images`` images."""
+    seen = 0
+    for batch in batches:
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
+            raise VitspecError("images must be a folder or an iterable of [B, 3, H, W] tensors")
+        if num_images is not None:
+            batch = batch[: num_images - seen]
+        if batch.shape[0]:
+            yield batch
+        seen += batch.shape[0]
+        if num_images is not None and seen >= num_images:
+            return
+    if seen == 0:
+        raise VitspecError("the image batches given were empty")
+
+
+def _stderr_warn(message: str) -> None:
+    print(f"vitspec: warning: {message}", file=sys.stderr)

@@ -1,0 +1,100 @@
+"""Forward hooks that hand one batch's tokens and attention to callbacks, then leave no trace.
+
+The hooks call back *during* the forward pass, so a layer's tensors can be reduced and dropped
+before the next layer runs: nothing is kept after the batch, and memory does not grow with depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from torch import Tensor
+
+from vitspec.adapters import Adapter
+from vitspec.errors import VitspecError
+
+SITES = ("embed", "mid", "block")
+
+TokenCallback = Callable[[str, int, Tensor], None]
+AttentionCallback = Callable[[int, Tensor], None]
+
+
+def check_sites(sites) -> tuple[str, ...]:
+    """Validate site names, keep them in the contract's order.
+
+    Example:
+        >>> check_sites(["block", "embed"])
+        ('embed', 'block')
+    """
+    unknown = [s for s in sites if s not in SITES]
+    if unknown or not sites:
+        raise VitspecError(f"unknown site {unknown[0] if unknown else '(none)'!r}; "
+                           f"allowed: {', '.join(SITES)}")
+    return tuple(s for s in SITES if s in sites)
+
+
+@contextmanager
+def capture(
+    adapter: Adapter,
+    *,
+    sites: tuple[str, ...],
+    on_tokens: TokenCallback,
+    on_attention: AttentionCallback | None = None,
+) -> Iterator[None]:
+    """Register exactly the hooks the sites need; remove them and restore fused attention on exit.
+
+    Args:
+        adapter: where the model's blocks, attention and residual branches are.
+        sites: token sites among ``embed``, ``mid``, ``block``.
+        on_tokens: called as ``on_tokens(site, layer, tokens[B, N, C])``.
+        on_attention: called as ``on_attention(layer, attn[B, H, N, N])`` with the post-softmax
+            attention of block ``layer`` (1-based). When given, fused attention (SDPA, which never
+            forms the matrix) is switched off on every attention module for the duration.
+    """
+    handles = []
+    saved = []
+    try:
+        if on_attention is not None:
+            for module in adapter.attn_modules:
+                if module is not None:
+                    saved.append((module, module.fused_attn))
+                    module.fused_attn = False
+        blocks = adapter.blocks
+        if "embed" in sites:
+            handles.append(blocks[0].register_forward_pre_hook(
+                lambda _m, args: on_tokens("embed", 0, args[0])))
+        if "mid" in sites:
+            if any(t is None for t in adapter.branch_taps):
+                raise VitspecError(f"site 'mid' is not available for {adapter.family} blocks; "
+                                   "use --sites embed,block")
+            for layer, (block, tap) in enumerate(zip(blocks, adapter.branch_taps), start=1):
+                handles += _mid_hooks(block, tap, layer, on_tokens)
+        if "block" in sites:
+            for layer, block in enumerate(blocks, start=1):
+                handles.append(block.register_forward_hook(
+                    lambda _m, _a, out, layer=layer: on_tokens("block", layer, out)))
+        if on_attention is not None:
+            for layer, tap in enumerate(adapter.attn_taps, start=1):
+                if tap is not None:
+                    handles.append(tap.register_forward_pre_hook(
+                        lambda _m, args, layer=layer: on_attention(layer, args[0])))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, fused in saved:
+            module.fused_attn = fused
+
+
+def _mid_hooks(block, tap, layer: int, on_tokens: TokenCallback) -> list:
+    """Hooks giving ``x + attn_branch(x)``: the block input is held only until the branch returns."""
+    held: dict[str, Tensor] = {}
+
+    def keep_input(_m, args):
+        held["x"] = args[0]
+
+    def emit(_m, _a, branch):
+        on_tokens("mid", layer, held.pop("x") + branch)
+
+    return [block.register_forward_pre_hook(keep_input), tap.register_forward_hook(emit)]

@@ -1,0 +1,112 @@
+"""Command line: a thin layer over the Python API. Every subcommand has a Python twin."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vitspec.errors import VitspecError
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from vitspec.analysis import analyze
+    from vitspec.results import check_out_dir
+
+    label = args.label or (Path(args.ckpt).stem if args.ckpt else
+                           "random-init" if args.random_init else "pretrained")
+    out = Path(args.out or f"runs/{args.model}-{label}")
+    check_out_dir(out, args.overwrite)  # before the work, not after it
+    if args.random_init:
+        _say(args, f"analysing {args.model} with RANDOM weights (seed {args.seed}): "
+                   "the numbers describe an untrained network")
+    result = analyze(
+        args.model, ckpt=args.ckpt, random_init=args.random_init, seed=args.seed, ema=args.ema,
+        strict=not args.non_strict, images=args.images, num_images=args.num_images,
+        sites=[s.strip() for s in args.sites.split(",") if s.strip()], metrics=args.metrics,
+        batch_size=args.batch_size, device=args.device, label=label,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    result.save(out, overwrite=args.overwrite, figures=not args.no_figures)
+    info = result.info
+    _say(args, f"{info['images']['used']} images, {info['images_per_s']} img/s on {info['device']}"
+               f" -> {out}/ (metrics.csv, spectra.csv, run.json"
+               f"{', figures' if not args.no_figures else ''})")
+    return 0
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(f"vitspec: {message}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitspec", description="Fourier-domain oversmoothing measures for Vision Transformers.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("analyze", help="stream every metric of a timm ViT into a run directory",
+                       description="Capture per-layer tokens and attention of a timm ViT on images "
+                                   "and write metrics.csv, spectra.csv, run.json and figures.")
+    p.add_argument("model", help="timm model name or alias (deit_tiny, deit_small, deit_base, "
+                                 "deit_small_distilled, vit_tiny, vit_small, vit_base)")
+    _add_weights(p)
+    p.add_argument("--images", metavar="DIR", help="image folder, searched recursively "
+                                                   "(default: the bundled sample photographs)")
+    p.add_argument("--num-images", type=int, metavar="N", help="first N readable images, sorted")
+    p.add_argument("--sites", default="embed,block", help="token sites: embed,mid,block "
+                                                          "(default: embed,block)")
+    p.add_argument("--metrics", default=None, metavar="PATTERNS",
+                   help="comma-separated metric name patterns, e.g. 'hc_*,attn_entropy' (default: all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<model>-<label>)")
+    p.add_argument("--label", help="run label (default: checkpoint file stem or random-init)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--no-figures", action="store_true", help="write the tables only")
+    _add_common(p)
+    p.set_defaults(func=_analyze)
+    return parser
+
+
+def _add_weights(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("weights")
+    w = g.add_mutually_exclusive_group()
+    w.add_argument("--ckpt", metavar="FILE", help="local checkpoint (.pth, .pt, .bin, .safetensors)")
+    w.add_argument("--random-init", action="store_true", help="random weights (every output says so)")
+    g.add_argument("--seed", type=int, default=0, help="seed for --random-init (default 0)")
+    g.add_argument("--ema", action="store_true", help="load model_ema from a training checkpoint")
+    g.add_argument("--non-strict", action="store_true",
+                   help="load despite missing/unexpected keys (recorded in run.json)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _version() -> str:
+    from vitspec import __version__
+
+    return f"vitspec {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: returns the exit code (0 ok, 1 a finding or data problem, 2 a usage error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except VitspecError as err:
+        if args.debug:
+            raise
+        print(f"vitspec: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("vitspec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

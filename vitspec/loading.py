@@ -1,0 +1,579 @@
+"""Load a timm model and its weights from local files only, with provenance.
+
+This is the only module that touches checkpoint files. Every way a user's file can be wrong
+(missing, a directory, truncated, garbage, an unknown layout, weights of another architecture)
+becomes one :class:`~vitspec.errors.VitspecError` with a one-line message.
+
+Nothing here downloads: ``HF_HUB_OFFLINE=1`` is set (unless already set) when this module is
+imported, models are always created with ``pretrained=False``, and "pretrained" weights are only
+looked up in the local Hugging Face / torch hub caches.
+
+Checkpoints are treated as trusted files: they are read with ``torch.load(weights_only=True)``
+first and, only if that fails because the file pickles non-tensor Python objects (e.g. the
+``argparse.Namespace`` in DeiT training checkpoints), read again with ``weights_only=False``;
+``provenance['unsafe_pickle_fallback']`` records when that happened.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import difflib
+import hashlib
+import inspect
+import pickle
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import timm
+import torch
+from torch import Tensor
+
+from vitspec.errors import VitspecError
+
+__all__ = [
+    "ALIASES",
+    "LoadedModel",
+    "file_sha256",
+    "find_cached_weights",
+    "load_model",
+    "read_checkpoint",
+    "resolve_model_name",
+]
+
+ALIASES: dict[str, str] = {
+    "deit_tiny": "deit_tiny_patch16_224",
+    "deit_small": "deit_small_patch16_224",
+    "deit_base": "deit_base_patch16_224",
+    "deit_small_distilled": "deit_small_distilled_patch16_224",
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+}
+
+# Wrapper keys of training checkpoints: (regular weights, EMA weights). DeiT / FB checkpoints use
+# 'model' / 'model_ema'; timm's train.py uses 'state_dict' / 'state_dict_ema'.
+_WRAPPERS = (("model", "model_ema", "model"), ("state_dict", "state_dict_ema", "state_dict_key"))
+_EMA_KEYS = ("model_ema", "state_dict_ema")
+_STRIP_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
+_FORBIDDEN_KWARGS = ("pretrained", "checkpoint_path")
+_MAX_LISTED = 8
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode on CPU (float32) plus where its weights came from.
+
+    Attributes:
+        model: the timm module, ``eval()``, on CPU, float32.
+        name: the model name as the user gave it.
+        timm_name: the resolved timm model name.
+        checkpoint: checkpoint file name (basename) or ``'random-init'``.
+        provenance: JSON-serialisable record (``checkpoint_path``, ``sha256``, ``format``,
+            ``loaded_key``, ``seed``, ``warnings``, ``source``, ...).
+    """
+
+    model: torch.nn.Module
+    name: str
+    timm_name: str
+    checkpoint: str
+    provenance: dict = field(default_factory=dict)
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short_reason(exc: BaseException) -> str:
+    msg = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if "WeightsUnpickler error:" in msg:
+        tail = msg.split("WeightsUnpickler error:", 1)[1]
+        lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+        msg = "not a PyTorch checkpoint (" + (lines[0] if lines else "unpickling failed") + ")"
+    else:
+        lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+        msg = lines[0] if lines else ""
+        msg = msg.split(". ", 1)[0].rstrip(".")
+    if isinstance(exc, EOFError):
+        msg = "file is empty or truncated" + (f" ({msg})" if msg else "")
+    return _one_line(f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__, 200)
+
+
+def _list(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (", ..." if len(keys) > _MAX_LISTED else "")
+
+
+def resolve_model_name(name: str) -> str:
+    """Map an alias or a timm model name (optionally ``name.tag``) to the timm name.
+
+    Example:
+        >>> resolve_model_name("deit_small")
+        'deit_small_patch16_224'
+        >>> resolve_model_name("resnet18")
+        'resnet18'
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise VitspecError(f"model name must be a non-empty string, got {name!r}")
+    key = name.strip()
+    if key in ALIASES:
+        return ALIASES[key]
+    if key.lower() in ALIASES:
+        return ALIASES[key.lower()]
+    if timm.is_model(key):
+        if "." in key:  # validate the pretrained tag, timm.is_model ignores it
+            try:
+                timm.models.get_pretrained_cfg(key)
+            except RuntimeError:
+                arch, tag = timm.models.split_model_name_tag(key)
+                tags = [m for m in timm.list_models(arch, pretrained=True) if "." in m]
+                raise VitspecError(
+                    f"unknown pretrained tag '{tag}' for {arch}; known: {_list(tags) or 'none'}"
+                ) from None
+        return key
+    candidates = list(ALIASES) + timm.list_models()
+    close = difflib.get_close_matches(key.lower(), candidates, n=3, cutoff=0.5)
+    if close:
+        raise VitspecError(f"unknown model '{key}'; closest: {', '.join(close)}")
+    raise VitspecError(
+        f"unknown model '{key}'; use an alias ({', '.join(ALIASES)}) or a timm.list_models() name"
+    )
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_file(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise VitspecError(f"checkpoint not found: {p}")
+    if p.is_dir():
+        raise VitspecError(f"checkpoint is a directory, not a file: {p}")
+    return p
+
+
+def _is_safetensors(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return True
+    try:  # sniff: 8-byte little-endian header length followed by a JSON object
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 27
+
+
+def _torch_load(path: Path) -> tuple[Any, bool]:
+    """Return (object, used_unsafe_fallback)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), False
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):
+            raise VitspecError(f"cannot read checkpoint {path}: {_short_reason(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - corrupt zip, EOF, ...
+        raise VitspecError(f"cannot read checkpoint {path}: {_short_reason(exc)}") from None
+    # The file is a well-formed pickle holding non-tensor objects (argparse.Namespace, ...):
+    # checkpoints are trusted files, see the module docstring.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False), True
+    except Exception as exc:  # noqa: BLE001
+        raise VitspecError(f"cannot read checkpoint {path}: {_short_reason(exc)}") from None
+
+
+def _as_tensor_dict(obj: Any) -> dict[str, Tensor] | None:
+    """A {str: Tensor} dict from a state dict or module, or None if obj is not one."""
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping) or not obj:
+        return None
+    if all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
+        return dict(obj)
+    return None
+
+
+def _top_keys(obj: Mapping) -> str:
+    return _list([str(k) for k in obj]) or "none"
+
+
+def read_checkpoint(path: str | Path, *, ema: bool = False) -> tuple[dict[str, Tensor], dict]:
+    """Read a local checkpoint file into a flat state dict.
+
+    Layouts: a plain state dict; ``{'model': sd, ...}`` (DeiT / FB training checkpoints, with
+    optional ``'model_ema'``); ``{'state_dict': sd, ...}`` (timm train.py, with optional
+    ``'state_dict_ema'``); a pickled ``nn.Module``; ``.safetensors``. ``module.`` and
+    ``_orig_mod.`` key prefixes are stripped. Regular weights are returned unless ``ema=True``
+    (unlike timm's ``load_state_dict``, which silently prefers EMA weights).
+
+    Returns:
+        ``(state_dict, info)`` with info keys ``format`` ('state_dict' | 'model' |
+        'state_dict_key' | 'safetensors' | 'pickled_module'), ``loaded_key`` (None or the
+        top-level key read), ``unsafe_pickle_fallback`` and ``stripped_prefix``.
+
+    Example:
+        >>> import tempfile, torch
+        >>> f = tempfile.NamedTemporaryFile(suffix=".pth", delete=False).name
+        >>> torch.save({"model": {"module.w": torch.zeros(2)}, "epoch": 3}, f)
+        >>> sd, info = read_checkpoint(f)
+        >>> list(sd), info["format"], info["loaded_key"]
+        (['w'], 'model', 'model')
+    """
+    path = _check_file(path)
+    info: dict[str, Any] = {
+        "format": None,
+        "loaded_key": None,
+        "unsafe_pickle_fallback": False,
+        "stripped_prefix": None,
+    }
+    if path.suffix == ".npz":
+        raise VitspecError(
+            f"cannot read checkpoint {path}: .npz (JAX) files are not supported; "
+            "use a .pth/.bin/.safetensors file"
+        )
+    if _is_safetensors(path):
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
+            raise VitspecError(f"cannot read checkpoint {path}: {_short_reason(exc)}") from None
+        if ema:
+            raise VitspecError(
+                f"checkpoint {path} is a safetensors state dict with no EMA weights "
+                f"(ema needs a '{_EMA_KEYS[0]}' or '{_EMA_KEYS[1]}' entry)"
+            )
+        info["format"] = "safetensors"
+    else:
+        obj, unsafe = _torch_load(path)
+        info["unsafe_pickle_fallback"] = unsafe
+        sd, fmt, key = _unwrap(obj, path, ema)
+        info["format"], info["loaded_key"] = fmt, key
+    if not sd:
+        raise VitspecError(f"checkpoint {path} holds no tensors")
+    sd, stripped = _strip_prefixes(sd)
+    info["stripped_prefix"] = stripped
+    return sd, info
+
+
+def _unwrap(obj: Any, path: Path, ema: bool) -> tuple[dict[str, Tensor], str, str | None]:
+    if isinstance(obj, torch.nn.Module):
+        if ema:
+            raise VitspecError(f"checkpoint {path} is a pickled model with no EMA weights")
+        return obj.state_dict(), "pickled_module", None
+    if not isinstance(obj, Mapping):
+        raise VitspecError(
+            f"checkpoint {path} holds a {type(obj).__name__}, not a state dict or a dict with "
+            "'model'/'state_dict'"
+        )
+    if ema:
+        for regular, ema_key, fmt in _WRAPPERS:
+            if ema_key in obj:
+                sd = _as_tensor_dict(obj[ema_key])
+                if sd is None:
+                    raise VitspecError(
+                        f"checkpoint {path}: '{ema_key}' is not a state dict of tensors"
+                    )
+                return sd, fmt, ema_key
+        raise VitspecError(
+            f"checkpoint {path} has no EMA weights ('model_ema'/'state_dict_ema'); "
+            f"top-level keys: {_top_keys(obj)}"
+        )
+    for regular, _ema_key, fmt in _WRAPPERS:
+        if regular in obj and not isinstance(obj[regular], Tensor):
+            sd = _as_tensor_dict(obj[regular])
+            if sd is None:
+                raise VitspecError(f"checkpoint {path}: '{regular}' is not a state dict of tensors")
+            return sd, fmt, regular
+    sd = _as_tensor_dict(obj)
+    if sd is not None:
+        return sd, "state_dict", None
+    hint = ""
+    if any(k in obj for k in _EMA_KEYS):
+        hint = " (only EMA weights found: load with ema=True)"
+    raise VitspecError(
+        f"checkpoint {path} has an unknown layout: expected a state dict or a 'model'/"
+        f"'state_dict' entry; top-level keys: {_top_keys(obj)}{hint}"
+    )
+
+
+def _strip_prefixes(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], str | None]:
+    stripped = []
+    for prefix in _STRIP_PREFIXES:
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+            stripped.append(prefix)
+    return sd, ("".join(stripped) or None)
+
+
+def _hf_cache_dir() -> str | None:
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None  # huggingface_hub's default
+
+
+def find_cached_weights(timm_name: str) -> tuple[Path, str] | None:
+    """Find already-downloaded weights for a timm model without touching the network.
+
+    Looks in the Hugging Face cache (``hf_hub_id`` of the pretrained cfg; ``model.safetensors``
+    then ``pytorch_model.bin``) and in ``torch.hub.get_dir()/checkpoints`` (the cfg's ``url``).
+
+    Returns:
+        ``(path, location)`` where location is the hub repo id or url, or None.
+    """
+    try:
+        cfg = timm.models.get_pretrained_cfg(timm_name)
+    except RuntimeError:
+        cfg = None
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        if ":" in repo:  # tolerate 'org/name:revision'
+            repo, _, revision = repo.partition(":")
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else []
+        names += [n for n in ("model.safetensors", "pytorch_model.bin") if n not in names]
+        for filename in names:
+            try:
+                found = try_to_load_from_cache(
+                    repo, filename, cache_dir=_hf_cache_dir(), revision=revision or None
+                )
+            except Exception:  # noqa: BLE001 - malformed ids / cache: treat as not cached
+                found = None
+            if isinstance(found, str) and os.path.isfile(found):
+                return Path(found), f"hf-hub:{cfg.hf_hub_id}/{filename}"
+    if cfg.url:
+        base = os.path.basename(urlparse(cfg.url).path)
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / base
+        if base and not base.endswith(".npz") and cached.is_file():
+            return cached, cfg.url
+    if cfg.file and not str(cfg.file).endswith(".npz") and os.path.isfile(cfg.file):
+        return Path(cfg.file), str(cfg.file)
+    return None
+
+
+def _classifier_names(timm_name: str) -> tuple[str, ...]:
+    try:
+        cfg = timm.models.get_pretrained_cfg(timm_name)
+    except RuntimeError:
+        cfg = None
+    names = getattr(cfg, "classifier", None) or "head"
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def _create(timm_name: str, kwargs: dict, seed: int) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = timm.create_model(timm_name, pretrained=False, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - TypeError/AssertionError from bad kwargs
+            raise VitspecError(
+                f"cannot create {timm_name} with model_kwargs {kwargs}: {_short_reason(exc)}"
+            ) from None
+    return model.float().cpu().eval()
+
+
+def _filter_fn(timm_name: str, model: torch.nn.Module):
+    arch = timm.models.split_model_name_tag(timm_name)[0]
+    modules = []
+    if timm.models.is_model(arch):
+        modules.append(sys.modules.get(timm.models.model_entrypoint(arch).__module__))
+    modules.append(sys.modules.get(type(model).__module__))
+    for mod in modules:
+        fn = getattr(mod, "checkpoint_filter_fn", None)
+        if callable(fn):
+            return fn
+    return None
+
+
+def _apply_filter(sd, model, timm_name, path) -> tuple[dict[str, Tensor], str | None, dict]:
+    """Run the model module's ``checkpoint_filter_fn``; also return {key: note} of reshaped keys."""
+    fn = _filter_fn(timm_name, model)
+    if fn is None:
+        return sd, None, {}
+    kwargs = {}
+    if "adapt_layer_scale" in inspect.signature(fn).parameters:
+        kwargs["adapt_layer_scale"] = True  # as timm's deit builder does (gamma_1 -> ls1.gamma)
+    try:
+        out = fn(dict(sd), model, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise VitspecError(
+            f"checkpoint does not fit {timm_name}: timm's checkpoint filter failed "
+            f"({_short_reason(exc)}); file: {path}"
+        ) from None
+    changed = {
+        k: f"{k} {_shape(sd[k])} -> {_shape(v)}"
+        for k, v in out.items()
+        if k in sd and isinstance(v, Tensor) and v.shape != sd[k].shape
+    }
+    return dict(out), f"{fn.__module__}.{fn.__name__}", changed
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ",".join(str(s) for s in t.shape) + "]"
+
+
+def load_model(
+    name: str,
+    *,
+    ckpt: str | Path | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    ema: bool = False,
+    strict: bool = True,
+    model_kwargs: dict | None = None,
+) -> LoadedModel:
+    """Create a timm model and load local weights into it (never downloads).
+
+    Args:
+        name: alias (``deit_small``) or timm model name.
+        ckpt: local checkpoint file (see :func:`read_checkpoint` for layouts).
+        random_init: use random weights (seeded with ``seed``); excludes ``ckpt``.
+        seed: RNG seed for creating the model (random init, any head left unloaded).
+        ema: load ``model_ema``/``state_dict_ema`` instead of the regular weights.
+        strict: missing / unexpected / shape-mismatched keys raise; if False they become
+            ``provenance['warnings']`` and only the fitting keys are loaded.
+        model_kwargs: passed to ``timm.create_model`` (e.g. ``img_size=32``).
+
+    Without ``ckpt`` or ``random_init`` the weights must already be in the local HF / torch hub
+    cache (:func:`find_cached_weights`).
+
+    Example:
+        >>> lm = load_model("deit_tiny", random_init=True,
+        ...                 model_kwargs=dict(img_size=32, patch_size=8, depth=1, embed_dim=32,
+        ...                                   num_heads=2))
+        >>> lm.timm_name, lm.checkpoint, lm.model.training
+        ('deit_tiny_patch16_224', 'random-init', False)
+    """
+    timm_name = resolve_model_name(name)
+    kwargs = dict(model_kwargs or {})
+    bad = [k for k in _FORBIDDEN_KWARGS if k in kwargs]
+    if bad:
+        raise VitspecError(
+            f"model_kwargs may not set {', '.join(bad)}; pass ckpt=FILE to load weights"
+        )
+    if random_init and ckpt is not None:
+        raise VitspecError("random_init and ckpt are mutually exclusive: pass one of them")
+
+    provenance: dict[str, Any] = {
+        "source": None,
+        "checkpoint_path": None,
+        "sha256": None,
+        "format": None,
+        "loaded_key": None,
+        "seed": seed,
+        "warnings": [],
+        "unsafe_pickle_fallback": False,
+        "stripped_prefix": None,
+        "filter": None,
+        "resampled": [],
+        "hub_location": None,
+        "num_classes": None,
+    }
+    if random_init:
+        model = _create(timm_name, kwargs, seed)
+        provenance["source"] = "random-init"
+        provenance["num_classes"] = getattr(model, "num_classes", None)
+        return LoadedModel(model, name, timm_name, "random-init", provenance)
+
+    if ckpt is None:
+        found = find_cached_weights(timm_name)
+        if found is None:
+            raise VitspecError(
+                f"no local weights for {timm_name}: pass --ckpt FILE or --random-init"
+            )
+        path, location = found
+        provenance["source"] = "hub-cache"
+        provenance["hub_location"] = location
+    else:
+        path = _check_file(ckpt)
+        provenance["source"] = "file"
+
+    sd, info = read_checkpoint(path, ema=ema)
+    provenance.update(info)
+    provenance["checkpoint_path"] = os.path.abspath(path)
+    provenance["sha256"] = file_sha256(path)
+    warnings: list[str] = provenance["warnings"]
+
+    # Size the classifier from the checkpoint (or drop the checkpoint's head if told otherwise).
+    classifiers = _classifier_names(timm_name)
+    head_prefixes = tuple(f"{c}." for c in classifiers)
+    head_key = next((f"{c}.weight" for c in classifiers if f"{c}.weight" in sd), None)
+    ckpt_classes = int(sd[head_key].shape[0]) if head_key else 0
+    head_tolerated = False
+    if "num_classes" not in kwargs:
+        kwargs["num_classes"] = ckpt_classes
+    elif int(kwargs["num_classes"]) != ckpt_classes:
+        sd = {k: v for k, v in sd.items() if not k.startswith(head_prefixes)}
+        head_tolerated = True
+        warnings.append(
+            f"checkpoint head has {ckpt_classes} classes but num_classes="
+            f"{kwargs['num_classes']} was requested: classifier left at random init"
+        )
+
+    model = _create(timm_name, kwargs, seed)
+    raw_sd = sd
+    sd, filter_name, resampled = _apply_filter(raw_sd, model, timm_name, path)
+    if head_key is None and not head_tolerated and "num_classes" not in (model_kwargs or {}):
+        # the filter may have produced the head from foreign key names (e.g. OpenCLIP)
+        late = next((f"{c}.weight" for c in classifiers if f"{c}.weight" in sd), None)
+        if late is not None:
+            kwargs["num_classes"] = int(sd[late].shape[0])
+            model = _create(timm_name, kwargs, seed)
+            sd, filter_name, resampled = _apply_filter(raw_sd, model, timm_name, path)
+    provenance["filter"] = filter_name
+    # Resampling pos_embed to another image size is routine; anything else the filter reshaped
+    # (e.g. patch_embed.proj.weight for another patch size) means a different architecture.
+    provenance["resampled"] = [note for k, note in resampled.items() if "pos_embed" in k]
+    reshaped = [note for k, note in resampled.items() if "pos_embed" not in k]
+
+    model_sd = model.state_dict()
+    missing = [k for k in model_sd if k not in sd]
+    if head_tolerated:
+        missing = [k for k in missing if not k.startswith(head_prefixes)]
+    unexpected = [k for k in sd if k not in model_sd]
+    mismatched = [k for k in sd if k in model_sd and sd[k].shape != model_sd[k].shape]
+    problems = []
+    if reshaped:
+        problems.append(f"{len(reshaped)} resampled by timm's filter ({_list(reshaped)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_list(unexpected)})")
+    if missing:
+        problems.append(f"{len(missing)} missing ({_list(missing)})")
+    if mismatched:
+        shown = [f"{k} {_shape(sd[k])} vs model {_shape(model_sd[k])}" for k in mismatched]
+        problems.append(f"{len(mismatched)} shape mismatches ({_list(shown)})")
+    if problems and strict:
+        raise VitspecError(
+            f"checkpoint does not fit {timm_name}: {', '.join(problems)}; file: {path.name}"
+        )
+    to_load = {k: v for k, v in sd.items() if k in model_sd and k not in set(mismatched)}
+    if not to_load:
+        raise VitspecError(
+            f"checkpoint does not fit {timm_name}: no key matches the model "
+            f"({', '.join(problems)}); file: {path.name}"
+        )
+    if problems:
+        warnings.extend(f"strict=False: {p}" for p in problems)
+    result = model.load_state_dict(to_load, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    model.float().cpu().eval()
+    provenance["num_classes"] = int(kwargs["num_classes"])
+    return LoadedModel(model, name, timm_name, path.name, provenance)

@@ -1,0 +1,122 @@
+"""The result type: the long-format tables of shared/metrics.md, plain data, saved atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vitspec.errors import VitspecError
+
+METRIC_COLUMNS = ["run", "model", "checkpoint", "site", "layer", "depth", "head", "metric",
+                  "mean", "std", "n"]
+SPECTRA_COLUMNS = ["run", "model", "checkpoint", "site", "layer", "head", "curve", "freq",
+                   "mean", "std", "n"]
+FILES = ("metrics.csv", "spectra.csv", "run.json")
+
+
+def validate(metrics: pd.DataFrame, spectra: pd.DataFrame) -> None:
+    """Check both tables against the schema of shared/metrics.md (internal invariant)."""
+    assert list(metrics.columns) == METRIC_COLUMNS, list(metrics.columns)
+    assert list(spectra.columns) == SPECTRA_COLUMNS, list(spectra.columns)
+    for df in (metrics, spectra):
+        assert (df["n"] >= 1).all()
+        token = df["site"] != "attn"
+        assert df.loc[token, "head"].isna().all()
+        assert (df.loc[~token, "head"] >= -1).all()
+    keys = ["site", "layer", "head", "metric"]
+    assert not metrics.duplicated(keys).any(), "duplicate metric rows"
+
+
+@dataclass
+class Result:
+    """What ``vitspec.analyze`` returns: two tidy tables and the run's provenance.
+
+    Attributes:
+        metrics: one row per (site, layer, head, metric); columns ``METRIC_COLUMNS``.
+        spectra: one row per (site, layer, head, curve, freq); columns ``SPECTRA_COLUMNS``.
+        info: the run.json content (versions, model, checkpoint, images, device, timing).
+    """
+
+    metrics: pd.DataFrame
+    spectra: pd.DataFrame
+    info: dict = field(default_factory=dict)
+
+    def metric(self, name: str, site: str | None = None, head: int | None = None) -> pd.DataFrame:
+        """Rows of one metric, optionally one site and head.
+
+        Example:
+            >>> result.metric("hc_dc_ratio", site="block")[["layer", "mean"]]  # doctest: +SKIP
+        """
+        df = self.metrics[self.metrics["metric"] == name]
+        if df.empty:
+            known = ", ".join(dict.fromkeys(self.metrics["metric"]))
+            raise VitspecError(f"no metric {name!r} in this result; present: {known}")
+        if site is not None:
+            df = df[df["site"] == site]
+        if head is not None:
+            df = df[df["head"] == head]
+        return df.reset_index(drop=True)
+
+    def save(self, out: str | Path, *, overwrite: bool = False, figures: bool = True) -> Path:
+        """Write metrics.csv, spectra.csv, run.json (and figures) into ``out``, all or nothing.
+
+        Everything is written to a temporary sibling directory that is renamed into place at the
+        end, so an interrupted or failed save leaves no half-written run directory.
+        """
+        out = Path(out)
+        check_out_dir(out, overwrite)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            self.metrics.to_csv(tmp / "metrics.csv", index=False, float_format="%.10g")
+            self.spectra.to_csv(tmp / "spectra.csv", index=False, float_format="%.10g")
+            (tmp / "run.json").write_text(json.dumps(self.info, indent=2, default=str) + "\n")
+            if figures:
+                from vitspec.plots import save_run_figures
+
+                save_run_figures(self, tmp)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> Result:
+        """Read a run directory written by ``save``."""
+        run_dir = Path(run_dir)
+        missing = [f for f in FILES if not (run_dir / f).is_file()]
+        if missing:
+            raise VitspecError(f"{run_dir} is not a vitspec run directory (missing {', '.join(missing)})")
+        dtypes = {"head": "Int64"}
+        metrics = pd.read_csv(run_dir / "metrics.csv", dtype=dtypes, keep_default_na=False,
+                              na_values=[""])
+        spectra = pd.read_csv(run_dir / "spectra.csv", dtype=dtypes, keep_default_na=False,
+                              na_values=[""])
+        info = json.loads((run_dir / "run.json").read_text())
+        return cls(metrics=metrics, spectra=spectra, info=info)
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output directory unless ``overwrite``; refuse a file in its place."""
+    if out.exists() and not out.is_dir():
+        raise VitspecError(f"output path {out} exists and is not a directory")
+    if out.exists() and not overwrite:
+        raise VitspecError(f"output directory {out} exists; pass --overwrite to replace it")
+
+
+def moments_frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
+    """Build a schema-ordered table; ``head`` is a nullable integer, std NaN where n == 1."""
+    df = pd.DataFrame(rows, columns=columns)
+    df["head"] = df["head"].astype("Int64")
+    df["n"] = df["n"].astype(np.int64)
+    return df
