@@ -25,7 +25,7 @@ from vitspec.loading import (
 
 DEIT = "deit_tiny_patch16_224"
 DEIT_DIST = "deit_tiny_distilled_patch16_224"
-TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
 
 
 def make(name: str = DEIT, seed: int = 1, **over) -> torch.nn.Module:
@@ -86,14 +86,19 @@ def test_timm_names_pass_through():
 
 
 def test_unknown_name_suggests_closest_alias():
-    msg = raises(r"unknown model 'deit_smal'; closest: .*deit_small", resolve_model_name, "deit_smal")
+    msg = raises(
+        r"unknown model 'deit_smal'; closest: .*deit_small", resolve_model_name, "deit_smal"
+    )
     assert "deit_small" in msg
     raises(r"unknown model 'deit_smal'", load_model, "deit_smal", random_init=True)
 
 
 def test_unknown_pretrained_tag():
-    raises(r"unknown pretrained tag 'bogus' for deit_small_patch16_224", resolve_model_name,
-           "deit_small_patch16_224.bogus")
+    raises(
+        r"unknown pretrained tag 'bogus' for deit_small_patch16_224",
+        resolve_model_name,
+        "deit_small_patch16_224.bogus",
+    )
 
 
 # ---------------------------------------------------------------- formats
@@ -177,7 +182,9 @@ def test_read_checkpoint_returns_state_dict_and_info(tmp_path):
 # ---------------------------------------------------------------- EMA
 
 
-@pytest.mark.parametrize(("reg", "ema_key"), [("model", "model_ema"), ("state_dict", "state_dict_ema")])
+@pytest.mark.parametrize(
+    ("reg", "ema_key"), [("model", "model_ema"), ("state_dict", "state_dict_ema")]
+)
 def test_ema_checkpoint_loads_regular_weights_unless_asked(tmp_path, reg, ema_key):
     src = make()
     ema_sd = perturbed(src)
@@ -196,8 +203,14 @@ def test_ema_checkpoint_loads_regular_weights_unless_asked(tmp_path, reg, ema_ke
 def test_ema_without_ema_weights_names_the_keys(tmp_path):
     path = tmp_path / "ckpt.pth"
     torch.save({"model": make().state_dict(), "epoch": 9}, path)
-    msg = raises(r"no EMA weights .*top-level keys: model, epoch", load_model, DEIT, ckpt=path,
-                 model_kwargs=TINY, ema=True)
+    msg = raises(
+        r"no EMA weights .*top-level keys: model, epoch",
+        load_model,
+        DEIT,
+        ckpt=path,
+        model_kwargs=TINY,
+        ema=True,
+    )
     assert "ckpt.pth" in msg
     st = tmp_path / "w.safetensors"
     save_file(make().state_dict(), str(st))
@@ -207,8 +220,13 @@ def test_ema_without_ema_weights_names_the_keys(tmp_path):
 def test_only_ema_weights_hints_at_ema(tmp_path):
     path = tmp_path / "ema_only.pth"
     torch.save({"model_ema": make().state_dict(), "epoch": 1}, path)
-    raises(r"unknown layout.*top-level keys: model_ema, epoch.*ema=True", load_model, DEIT,
-           ckpt=path, model_kwargs=TINY)
+    raises(
+        r"unknown layout.*top-level keys: model_ema, epoch.*ema=True",
+        load_model,
+        DEIT,
+        ckpt=path,
+        model_kwargs=TINY,
+    )
 
 
 # ---------------------------------------------------------------- heads and resampling
@@ -265,8 +283,14 @@ def test_patch_size_mismatch_is_not_silently_resampled(tmp_path):
     path = tmp_path / "p8.pth"
     torch.save(make().state_dict(), path)
     kwargs = {**TINY, "patch_size": 4}
-    raises(r"does not fit deit_tiny_patch16_224: .*patch_embed\.proj\.weight \[32,3,8,8\] -> "
-           r"\[32,3,4,4\]", load_model, DEIT, ckpt=path, model_kwargs=kwargs)
+    raises(
+        r"does not fit deit_tiny_patch16_224: .*patch_embed\.proj\.weight \[32,3,8,8\] -> "
+        r"\[32,3,4,4\]",
+        load_model,
+        DEIT,
+        ckpt=path,
+        model_kwargs=kwargs,
+    )
     lm = load_model(DEIT, ckpt=path, model_kwargs=kwargs, strict=False)
     assert any("patch_embed.proj.weight" in w for w in lm.provenance["warnings"])
 
@@ -277,9 +301,14 @@ def test_patch_size_mismatch_is_not_silently_resampled(tmp_path):
 def test_wrong_architecture_lists_unexpected_and_missing(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
-    msg = raises(r"checkpoint does not fit deit_tiny_patch16_224: \d+ unexpected keys "
-                 r"\(conv1\.weight, .*\), \d+ missing \(cls_token, .*", load_model, DEIT,
-                 ckpt=path, model_kwargs=TINY)
+    msg = raises(
+        r"checkpoint does not fit deit_tiny_patch16_224: \d+ unexpected keys "
+        r"\(conv1\.weight, .*\), \d+ missing \(cls_token, .*",
+        load_model,
+        DEIT,
+        ckpt=path,
+        model_kwargs=TINY,
+    )
     assert "blocks.0.attn.qkv.weight" in msg and "r18.pth" in msg
     raises(r"no key matches", load_model, DEIT, ckpt=path, model_kwargs=TINY, strict=False)
 
@@ -287,8 +316,13 @@ def test_wrong_architecture_lists_unexpected_and_missing(tmp_path):
 def test_shape_mismatch_names_the_key(tmp_path):
     path = tmp_path / "d32.pth"
     torch.save(make().state_dict(), path)
-    raises(r"shape mismatches \(.*blocks\.0\.attn\.qkv\.weight \[96,32\] vs model \[144,48\]",
-           load_model, DEIT, ckpt=path, model_kwargs={**TINY, "embed_dim": 48})
+    raises(
+        r"shape mismatches \(.*blocks\.0\.attn\.qkv\.weight \[96,32\] vs model \[144,48\]",
+        load_model,
+        DEIT,
+        ckpt=path,
+        model_kwargs={**TINY, "embed_dim": 48},
+    )
 
 
 def test_strict_false_downgrades_to_warnings(tmp_path):
@@ -299,9 +333,14 @@ def test_strict_false_downgrades_to_warnings(tmp_path):
     sd["head.bias"] = torch.zeros(4)  # shape mismatch (head has 10 classes)
     path = tmp_path / "partial.pth"
     torch.save(sd, path)
-    msg = raises(r"1 unexpected keys \(extra\.weight\), 1 missing \(norm\.weight\), "
-                 r"1 shape mismatches \(head\.bias \[4\] vs model \[10\]\)", load_model, DEIT,
-                 ckpt=path, model_kwargs=TINY)
+    msg = raises(
+        r"1 unexpected keys \(extra\.weight\), 1 missing \(norm\.weight\), "
+        r"1 shape mismatches \(head\.bias \[4\] vs model \[10\]\)",
+        load_model,
+        DEIT,
+        ckpt=path,
+        model_kwargs=TINY,
+    )
     assert "partial.pth" in msg
 
     lm = load_model(DEIT, ckpt=path, model_kwargs=TINY, strict=False)
@@ -336,15 +375,29 @@ def test_corrupt_files(tmp_path, suffix, damage):
         bad.write_bytes(bytes(range(256)) * 4)
     else:
         bad.write_bytes(b"")
-    msg = raises(rf"cannot read checkpoint .*bad\{suffix}: \w+", load_model, DEIT, ckpt=bad,
-                 model_kwargs=TINY)
+    msg = raises(
+        rf"cannot read checkpoint .*bad\{suffix}: \w+",
+        load_model,
+        DEIT,
+        ckpt=bad,
+        model_kwargs=TINY,
+    )
     assert len(msg) < 400
+    if suffix == ".pth" and damage == "truncated":
+        assert "truncated or corrupt" in msg
+    if suffix == ".pth" and damage == "garbage":
+        assert "not a PyTorch or safetensors file" in msg
 
 
 def test_text_file_and_npz_are_rejected(tmp_path):
     txt = tmp_path / "notes.pth"
     txt.write_text("hello, I am not a checkpoint\n")
-    raises(r"cannot read checkpoint", load_model, DEIT, ckpt=txt)
+    raises(
+        r"cannot read checkpoint .*notes\.pth: not a PyTorch or safetensors file",
+        load_model,
+        DEIT,
+        ckpt=txt,
+    )
     npz = tmp_path / "jax.npz"
     npz.write_bytes(b"PK\x03\x04")
     raises(r"cannot read checkpoint .*\.npz \(JAX\)", load_model, DEIT, ckpt=npz)
@@ -388,23 +441,41 @@ def test_random_init_resnet_works():
 
 
 def test_random_init_and_ckpt_are_exclusive(tmp_path):
-    raises(r"random_init and ckpt are mutually exclusive", load_model, DEIT, ckpt=tmp_path / "x",
-           random_init=True)
+    raises(
+        r"random_init and ckpt are mutually exclusive",
+        load_model,
+        DEIT,
+        ckpt=tmp_path / "x",
+        random_init=True,
+    )
 
 
 def test_bad_model_kwargs():
-    raises(r"model_kwargs may not set pretrained", load_model, DEIT, random_init=True,
-           model_kwargs={"pretrained": True})
-    raises(r"cannot create deit_tiny_patch16_224 with model_kwargs", load_model, DEIT,
-           random_init=True, model_kwargs={"no_such_option": 1})
+    raises(
+        r"model_kwargs may not set pretrained",
+        load_model,
+        DEIT,
+        random_init=True,
+        model_kwargs={"pretrained": True},
+    )
+    raises(
+        r"cannot create deit_tiny_patch16_224 with model_kwargs",
+        load_model,
+        DEIT,
+        random_init=True,
+        model_kwargs={"no_such_option": 1},
+    )
 
 
 # ---------------------------------------------------------------- local caches
 
 
 def test_no_ckpt_and_no_cache():
-    raises(r"^no local weights for deit_small_patch16_224: pass --ckpt FILE or --random-init$",
-           load_model, "deit_small")
+    raises(
+        r"^no local weights for deit_small_patch16_224: pass --ckpt FILE or --random-init$",
+        load_model,
+        "deit_small",
+    )
     assert find_cached_weights("deit_small_patch16_224") is None
 
 

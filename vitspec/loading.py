@@ -98,7 +98,7 @@ def _short_reason(exc: BaseException) -> str:
     if "WeightsUnpickler error:" in msg:
         tail = msg.split("WeightsUnpickler error:", 1)[1]
         lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
-        msg = "not a PyTorch checkpoint (" + (lines[0] if lines else "unpickling failed") + ")"
+        msg = lines[0] if lines else "unpickling failed"
     else:
         lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
         msg = lines[0] if lines else ""
@@ -180,19 +180,30 @@ def _is_safetensors(path: Path) -> bool:
 
 def _torch_load(path: Path) -> tuple[Any, bool]:
     """Return (object, used_unsafe_fallback)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+
+    def fail(exc: Exception) -> VitspecError:
+        reason = _short_reason(exc)
+        if magic.startswith(b"PK"):
+            reason += " (truncated or corrupt file?)"
+        elif magic and not magic.startswith(b"\x80"):  # neither zip nor legacy torch pickle
+            reason = f"not a PyTorch or safetensors file ({reason})"
+        return VitspecError(f"cannot read checkpoint {path}: {reason}")
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True), False
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc):
-            raise VitspecError(f"cannot read checkpoint {path}: {_short_reason(exc)}") from None
+            raise fail(exc) from None
     except Exception as exc:  # noqa: BLE001 - corrupt zip, EOF, ...
-        raise VitspecError(f"cannot read checkpoint {path}: {_short_reason(exc)}") from None
+        raise fail(exc) from None
     # The file is a well-formed pickle holding non-tensor objects (argparse.Namespace, ...):
     # checkpoints are trusted files, see the module docstring.
     try:
         return torch.load(path, map_location="cpu", weights_only=False), True
     except Exception as exc:  # noqa: BLE001
-        raise VitspecError(f"cannot read checkpoint {path}: {_short_reason(exc)}") from None
+        raise fail(exc) from None
 
 
 def _as_tensor_dict(obj: Any) -> dict[str, Tensor] | None:
@@ -303,7 +314,7 @@ def _unwrap(obj: Any, path: Path, ema: bool) -> tuple[dict[str, Tensor], str, st
         return sd, "state_dict", None
     hint = ""
     if any(k in obj for k in _EMA_KEYS):
-        hint = " (only EMA weights found: load with ema=True)"
+        hint = " (only EMA weights found: use --ema / ema=True)"
     raise VitspecError(
         f"checkpoint {path} has an unknown layout: expected a state dict or a 'model'/"
         f"'state_dict' entry; top-level keys: {_top_keys(obj)}{hint}"
@@ -525,7 +536,8 @@ def load_model(
         head_tolerated = True
         warnings.append(
             f"checkpoint head has {ckpt_classes} classes but num_classes="
-            f"{kwargs['num_classes']} was requested: classifier left at random init"
+            f"{kwargs['num_classes']} was requested: checkpoint head dropped"
+            + ("" if int(kwargs["num_classes"]) == 0 else ", classifier left at random init")
         )
 
     model = _create(timm_name, kwargs, seed)
@@ -560,15 +572,14 @@ def load_model(
     if mismatched:
         shown = [f"{k} {_shape(sd[k])} vs model {_shape(model_sd[k])}" for k in mismatched]
         problems.append(f"{len(mismatched)} shape mismatches ({_list(shown)})")
-    if problems and strict:
+    skip = set(mismatched)
+    to_load = {k: v for k, v in sd.items() if k in model_sd and k not in skip}
+    if problems and (strict or not to_load):
+        hint = " (--non-strict / strict=False loads the matching keys)"
+        if not to_load:
+            hint = "; no key matches the model"
         raise VitspecError(
-            f"checkpoint does not fit {timm_name}: {', '.join(problems)}; file: {path.name}"
-        )
-    to_load = {k: v for k, v in sd.items() if k in model_sd and k not in set(mismatched)}
-    if not to_load:
-        raise VitspecError(
-            f"checkpoint does not fit {timm_name}: no key matches the model "
-            f"({', '.join(problems)}); file: {path.name}"
+            f"checkpoint does not fit {timm_name}: {', '.join(problems)}; file: {path.name}{hint}"
         )
     if problems:
         warnings.extend(f"strict=False: {p}" for p in problems)

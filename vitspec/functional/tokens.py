@@ -1,0 +1,323 @@
+"""Token-matrix metrics of shared/metrics.md: pure batched torch functions.
+
+Every function takes ``tokens: [B, N, C]`` (N = P + G tokens: ``num_prefix`` prefix tokens first,
+then the ``G = h * w`` patch tokens in raster order on ``grid = (h, w)``), ``num_prefix`` and
+``grid``, and returns float64 on the input's device: ``[B]`` for scalar metrics, ``[B, K]`` for
+curves.
+
+DC/HC (Wang et al. 2022) use ALL N tokens, prefix included: ``DC[X] = J X`` (the token mean on
+every row) and ``HC[X] = X - J X``. Energies are computed from the centred tokens, never as total
+minus DC (which loses everything when tokens are nearly collapsed). Everything is float64 except
+the ``G x G`` Gram matrix of ``patch_cos_abs`` for non-float64 input, which is float32 on unit
+vectors (checked against float64 to 1e-5 relative in tests/test_functional_tokens.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vitspec.errors import VitspecError
+from vitspec.functional.linalg import compute_dtype
+
+__all__ = [
+    "dlogamp",
+    "dlogamp_hf",
+    "erank",
+    "feat_var",
+    "hc_dc_ratio",
+    "hc_energy",
+    "patch_cos",
+    "patch_cos_abs",
+    "rank_residual",
+    "token_spectrum",
+]
+
+
+def _check(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> None:
+    if not isinstance(tokens, Tensor) or tokens.ndim != 3:
+        shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise VitspecError(f"tokens must be a tensor of shape [B, N, C], got {shape}")
+    if not tokens.is_floating_point():
+        raise VitspecError(f"tokens must be floating point, got {tokens.dtype}")
+    if len(grid) != 2 or min(grid) < 1:
+        raise VitspecError(f"grid must be (h, w) with h, w >= 1, got {tuple(grid)}")
+    h, w = int(grid[0]), int(grid[1])
+    if num_prefix < 0 or tokens.shape[1] != num_prefix + h * w:
+        raise VitspecError(
+            f"tokens have N={tokens.shape[1]} but num_prefix={num_prefix} plus grid {h}x{w} "
+            f"gives {num_prefix + h * w}"
+        )
+
+
+def _f64(tokens: Tensor) -> Tensor:
+    return tokens.to(torch.float64)
+
+
+def _hc(x: Tensor) -> Tensor:
+    """HC[X] = X - J X over all N tokens, [B, N, C]."""
+    return x - x.mean(dim=1, keepdim=True)
+
+
+def _patches(tokens: Tensor, num_prefix: int) -> Tensor:
+    return tokens[:, num_prefix:]
+
+
+def _patch_grid(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+    """Patch tokens as a channel-first grid, [B, C, h, w] float64."""
+    h, w = int(grid[0]), int(grid[1])
+    p = _f64(_patches(tokens, num_prefix))
+    return p.reshape(p.shape[0], h, w, p.shape[-1]).permute(0, 3, 1, 2)
+
+
+def hc_dc_ratio(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+    """``||HC[X]||_F / ||DC[X]||_F`` over all N tokens (0 for identical tokens).
+
+    Args:
+        tokens: ``[B, N, C]``.
+        num_prefix: number of prefix tokens P.
+        grid: patch grid ``(h, w)``, ``h * w = N - P``.
+
+    Returns:
+        ``[B]`` float64 (inf when the token mean is zero).
+
+    Example:
+        >>> hc_dc_ratio(torch.ones(1, 5, 3), 1, (2, 2)).item()
+        0.0
+    """
+    _check(tokens, num_prefix, grid)
+    x = _f64(tokens)
+    mean = x.mean(dim=1)  # [B, C]
+    dc = mean.norm(dim=-1) * x.shape[1] ** 0.5
+    return _hc(x).norm(dim=(1, 2)) / dc
+
+
+def hc_energy(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+    """``||HC[X]||_F^2 / ||X||_F^2`` over all N tokens (the non-DC share of the DFT energy).
+
+    Args:
+        tokens: ``[B, N, C]``.
+        num_prefix: number of prefix tokens.
+        grid: patch grid ``(h, w)``.
+
+    Returns:
+        ``[B]`` float64.
+
+    Example:
+        >>> hc_energy(torch.tensor([[[1.0], [-1.0]]]), 0, (1, 2)).item()
+        1.0
+    """
+    _check(tokens, num_prefix, grid)
+    x = _f64(tokens)
+    return _hc(x).square().sum(dim=(1, 2)) / x.square().sum(dim=(1, 2))
+
+
+def _unit_patches(tokens: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
+    """Unit-norm patch tokens [B, G, C] float64 (zero tokens stay zero) and their norms² [B, G]."""
+    p = _f64(_patches(tokens, num_prefix))
+    n = p.norm(dim=-1, keepdim=True)
+    u = p / n.clamp_min(torch.finfo(torch.float64).tiny)
+    return u, u.square().sum(dim=-1)
+
+
+def patch_cos_abs(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+    """Mean over ordered pairs ``i != j`` of ``|cos(p_i, p_j)|`` over the G patch tokens.
+
+    Explicit ``G x G`` Gram of unit vectors (float32 unless the input is float64), diagonal
+    excluded, sums in float64. A zero token has cosine 0 with every other token.
+
+    Args:
+        tokens: ``[B, N, C]``.
+        num_prefix: number of prefix tokens (excluded).
+        grid: patch grid ``(h, w)``.
+
+    Returns:
+        ``[B]`` float64 (NaN when G = 1).
+
+    Example:
+        >>> patch_cos_abs(torch.tensor([[[9.0, 9.0], [1.0, 0.0], [-1.0, 0.0]]]), 1, (1, 2)).item()
+        1.0
+    """
+    _check(tokens, num_prefix, grid)
+    u, _ = _unit_patches(tokens, num_prefix)
+    u = u.to(compute_dtype(tokens))
+    gram = u @ u.mT  # [B, G, G]
+    gram.diagonal(dim1=-2, dim2=-1).zero_()
+    g = u.shape[1]
+    return gram.abs().sum(dim=-1).to(torch.float64).sum(dim=-1) / (g * (g - 1))
+
+
+def patch_cos(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+    """Mean over ordered pairs ``i != j`` of ``cos(p_i, p_j)`` over the G patch tokens.
+
+    O(G*C): with unit vectors u_i, ``sum_{i != j} u_i . u_j = ||sum_i u_i||^2 - sum_i ||u_i||^2``.
+
+    Args:
+        tokens: ``[B, N, C]``.
+        num_prefix: number of prefix tokens (excluded).
+        grid: patch grid ``(h, w)``.
+
+    Returns:
+        ``[B]`` float64 (NaN when G = 1).
+
+    Example:
+        >>> patch_cos(torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]]), 0, (1, 2)).item()
+        -1.0
+    """
+    _check(tokens, num_prefix, grid)
+    u, sq = _unit_patches(tokens, num_prefix)
+    g = u.shape[1]
+    s = u.sum(dim=1)
+    return (s.square().sum(dim=-1) - sq.sum(dim=-1)) / (g * (g - 1))
+
+
+def _n13(m: Tensor) -> Tensor:
+    """sqrt(max abs column sum * max abs row sum) of every [N, C] matrix in a [B, N, C] batch."""
+    a = m.abs()
+    return (a.sum(dim=1).amax(dim=-1) * a.sum(dim=2).amax(dim=-1)).sqrt()
+
+
+def rank_residual(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+    """``n13(X - 1 xbar^T) / n13(X)``, xbar the mean over all N tokens (Dong et al. 2021).
+
+    ``n13(M) = sqrt(||M||_1 * ||M||_inf)``: max absolute column sum times max absolute row sum.
+
+    Args:
+        tokens: ``[B, N, C]``.
+        num_prefix: number of prefix tokens (included in the mean).
+        grid: patch grid ``(h, w)``.
+
+    Returns:
+        ``[B]`` float64 (0 for identical tokens).
+
+    Example:
+        >>> rank_residual(torch.ones(2, 3, 4), 1, (1, 2)).tolist()
+        [0.0, 0.0]
+    """
+    _check(tokens, num_prefix, grid)
+    x = _f64(tokens)
+    return _n13(_hc(x)) / _n13(x)
+
+
+def feat_var(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+    """Unbiased variance over the h*w patch positions per channel, mean over channels.
+
+    Args:
+        tokens: ``[B, N, C]``.
+        num_prefix: number of prefix tokens (excluded).
+        grid: patch grid ``(h, w)``.
+
+    Returns:
+        ``[B]`` float64 (NaN when h*w = 1).
+
+    Example:
+        >>> feat_var(torch.tensor([[[0.0], [2.0]]]), 0, (1, 2)).item()
+        2.0
+    """
+    _check(tokens, num_prefix, grid)
+    p = _f64(_patches(tokens, num_prefix))
+    return p.var(dim=1, correction=1).mean(dim=-1)
+
+
+def dlogamp(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+    """Relative log amplitude of the patch grid's 2-D Fourier transform (Park & Kim 2022).
+
+    ``L = log(|fft2(grid)| + 1e-6)`` per channel over ``(h, w)``, mean over channels, rolled by
+    ``(h//2, w//2)`` (``fftshift``), diagonal ``d[i] = L[i, i]`` for ``i = h//2 .. min(h, w)-1``,
+    reported as ``d[i] - d[h//2]``. For square grids d starts at DC and ends at the highest
+    frequency; for non-square grids the diagonal is taken literally as in metrics.md.
+
+    Args:
+        tokens: ``[B, N, C]``.
+        num_prefix: number of prefix tokens (excluded).
+        grid: patch grid ``(h, w)``; needs ``min(h, w) > h // 2``.
+
+    Returns:
+        ``[B, K]`` float64, ``K = min(h, w) - h // 2``; the first value is 0.
+
+    Example:
+        >>> dlogamp(torch.randn(2, 17, 8), 1, (4, 4)).shape
+        torch.Size([2, 2])
+    """
+    _check(tokens, num_prefix, grid)
+    h, w = int(grid[0]), int(grid[1])
+    start, stop = h // 2, min(h, w)
+    if stop <= start:
+        raise VitspecError(
+            f"dlogamp needs min(h, w) > h // 2 for the grid diagonal, got grid ({h}, {w})"
+        )
+    z = torch.fft.fft2(_patch_grid(tokens, num_prefix, grid))  # [B, C, h, w]
+    log_amp = torch.log(z.abs() + 1e-6).mean(dim=1)  # [B, h, w]
+    log_amp = torch.roll(log_amp, shifts=(h // 2, w // 2), dims=(1, 2))
+    idx = torch.arange(start, stop, device=log_amp.device)
+    d = log_amp[:, idx, idx]
+    return d - d[:, :1]
+
+
+def dlogamp_hf(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+    """Last point of :func:`dlogamp`: the relative log amplitude at the highest frequency.
+
+    Args:
+        tokens: ``[B, N, C]``.
+        num_prefix: number of prefix tokens (excluded).
+        grid: patch grid ``(h, w)``.
+
+    Returns:
+        ``[B]`` float64.
+
+    Example:
+        >>> dlogamp_hf(torch.randn(3, 17, 8), 1, (4, 4)).shape
+        torch.Size([3])
+    """
+    return dlogamp(tokens, num_prefix, grid)[:, -1]
+
+
+def erank(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+    """Effective rank of HC[X] (Roy & Vetterli 2007): ``exp(-sum_k p_k log p_k)``, ``p = s/sum(s)``.
+
+    Singular values from ``eigvalsh`` of the smaller Gram matrix of HC[X] in float64, negative
+    eigenvalues (rounding) clamped to 0.
+
+    Args:
+        tokens: ``[B, N, C]``.
+        num_prefix: number of prefix tokens (included in HC).
+        grid: patch grid ``(h, w)``.
+
+    Returns:
+        ``[B]`` float64 in ``[1, min(N - 1, C)]``; NaN when HC[X] = 0 (identical tokens).
+
+    Example:
+        >>> round(erank(torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]]),
+        ...             0, (2, 2)).item(), 6)
+        2.0
+    """
+    _check(tokens, num_prefix, grid)
+    hc = _hc(_f64(tokens))
+    gram = hc @ hc.mT if hc.shape[1] <= hc.shape[2] else hc.mT @ hc
+    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+    p = s / s.sum(dim=-1, keepdim=True)
+    return torch.exp(-torch.special.xlogy(p, p).sum(dim=-1))
+
+
+def token_spectrum(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+    """DFT energy share over the token axis: ``E_k = sum_c |(F X)[k, c]|^2 / ||X||_F^2``.
+
+    All N tokens, k = 0..N-1 (DC first); sums to 1 and ``1 - E_0 = hc_energy``.
+
+    Args:
+        tokens: ``[B, N, C]``.
+        num_prefix: number of prefix tokens (included).
+        grid: patch grid ``(h, w)``.
+
+    Returns:
+        ``[B, N]`` float64.
+
+    Example:
+        >>> token_spectrum(torch.ones(1, 4, 2), 0, (2, 2)).squeeze().tolist()
+        [1.0, 0.0, 0.0, 0.0]
+    """
+    _check(tokens, num_prefix, grid)
+    x = _f64(tokens)
+    z = torch.fft.fft(x, dim=1, norm="ortho")
+    energy = (z.real.square() + z.imag.square()).sum(dim=-1)
+    return energy / x.square().sum(dim=(1, 2))[:, None]
