@@ -98,7 +98,7 @@ def test_non_stochastic_attention_is_refused_but_tokens_still_run():
     original = attn.forward
 
     def doubled(x, *args, **kwargs):  # like talking heads: mixes after the softmax
-        hook = attn.attn_drop.register_forward_pre_hook(lambda m, a: (a[0] * 2,))
+        hook = attn.attn_drop.register_forward_pre_hook(lambda m, a: (a[0] * 2,), prepend=True)
         try:
             return original(x, *args, **kwargs)
         finally:
@@ -121,7 +121,7 @@ def test_nan_activations_name_the_layer():
     model = tiny()
     with torch.no_grad():
         model.blocks[1].mlp.fc2.weight[0, 0] = float("nan")
-    with pytest.raises(VitspecError, match="block layer 2 tokens") as err:
+    with pytest.raises(VitspecError, match="layer 2 block tokens") as err:
         analyze(model, images=list(synthetic_batches(2, 2, (32, 32))), device="cpu")
     assert err.value.exit_code == 1
 

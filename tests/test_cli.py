@@ -140,7 +140,7 @@ def test_nan_checkpoint_names_the_layer(capsys, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_absent(capsys, tmp_path):
     code, err = run(capsys, "analyze", MODEL, "--random-init", "--device", "cuda", "--out",
-                    str(tmp_path / "o"))
+                    str(tmp_path / "o"), "--quiet")
     assert_one_line_error(code, err, 2, "CUDA is not available")
 
 

@@ -46,7 +46,7 @@ class Collector:
         self._prev = None
 
     def on_tokens(self, site: str, layer: int, tokens: Tensor) -> None:
-        _check_finite(tokens, f"{site} layer {layer} tokens")
+        _check_finite(tokens, f"layer {layer} {site} tokens")
         n_tokens = self.num_prefix + self.grid[0] * self.grid[1]
         if tokens.shape[1] != n_tokens:
             raise VitspecError(f"{site} layer {layer} has {tokens.shape[1]} tokens, expected "
@@ -57,7 +57,7 @@ class Collector:
     def on_attention(self, layer: int, attn: Tensor) -> None:
         if layer in self.refused:
             return
-        _check_finite(attn, f"attention of block {layer}")
+        _check_finite(attn, f"layer {layer} attention (blocks.{layer - 1}.attn)")
         n_tokens = self.num_prefix + self.grid[0] * self.grid[1]
         problem = None
         if attn.dim() != 4 or attn.shape[-1] != n_tokens or attn.shape[-2] != n_tokens:

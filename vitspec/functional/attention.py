@@ -155,7 +155,7 @@ def attn_cos(attn: Tensor, prev: Tensor | None = None) -> Tensor:
         ``[B, H]`` float64.
 
     Example:
-        >>> attn_cos(torch.full((1, 1, 5, 5), 0.2)).item()
+        >>> round(attn_cos(torch.full((1, 1, 5, 5), 0.2)).item(), 6)
         1.0
     """
     a = _check(attn)
@@ -228,4 +228,3 @@ def attn_spectrum(attn: Tensor, prev: Tensor | None = None) -> Tensor:
     energy = (z.real.square() + z.imag.square()).sum(dim=-1).to(torch.float64)
     mirrored = energy[..., 1 : n - n // 2].flip(-1)  # rows N-1 .. N//2+1
     return torch.cat([energy, mirrored], dim=-1).sqrt()
-

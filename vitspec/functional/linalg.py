@@ -137,7 +137,7 @@ def top_singular_value(
             if bool((estimate <= rtol * theta).all()):
                 break
 
-    v = (y[:, None, :] @ basis[:, :k])  # [b, 1, N] Ritz vector
+    v = y[:, None, :] @ basis[:, :k]  # [b, 1, N] Ritz vector
     v = v / v.norm(dim=(-2, -1), keepdim=True).clamp_min(tiny)
     mv = v @ m.mT  # (M v)^T
     sigma = mv.to(torch.float64).norm(dim=(-2, -1))

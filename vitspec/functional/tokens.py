@@ -318,6 +318,8 @@ def token_spectrum(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Te
     """
     _check(tokens, num_prefix, grid)
     x = _f64(tokens)
-    z = torch.fft.fft(x, dim=1, norm="ortho")
+    n = x.shape[1]
+    z = torch.fft.rfft(x, dim=1, norm="ortho")  # k = 0..N//2; row N-k is the conjugate of row k
     energy = (z.real.square() + z.imag.square()).sum(dim=-1)
+    energy = torch.cat([energy, energy[:, 1 : n - n // 2].flip(-1)], dim=1)
     return energy / x.square().sum(dim=(1, 2))[:, None]

@@ -1,0 +1,9 @@
+"""Streaming metrics: the registry of every metric in shared/metrics.md and accumulators.
+
+Importing this package registers the built-in metrics (see :mod:`vitspec.metrics.registry`).
+"""
+
+from vitspec.metrics.registry import KINDS, MetricSpec, get_metric, list_metrics, register_metric
+from vitspec.metrics.streaming import Moments
+
+__all__ = ["KINDS", "MetricSpec", "Moments", "get_metric", "list_metrics", "register_metric"]
