@@ -106,7 +106,9 @@ def test_dlogamp_constant_grid():
     x = torch.full((1, 1 + h * h, 3), c)
     got = F.dlogamp(x, 1, (h, h))[0]
     want = math.log(1e-6) - math.log(h * h * c + 1e-6)
-    np.testing.assert_allclose(got.numpy(), [0.0, want], rtol=1e-12)  # K = 4 - 4 // 2
+    # K = 4 - 4 // 2; the explicit DFT leaves ~1e-15 of round-off in the zero bins, which moves
+    # log(|z| + 1e-6) by ~1e-9 of its 1e-6 floor
+    np.testing.assert_allclose(got.numpy(), [0.0, want], rtol=1e-10)
     assert F.dlogamp_hf(x, 1, (h, h)).item() == pytest.approx(want)
 
 

@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 
 _API = {
     "analyze": "vitspec.analysis",
+    "compare": "vitspec.comparison",
+    "ComparisonResult": "vitspec.comparison",
     "Result": "vitspec.results",
     "VitspecError": "vitspec.errors",
     "list_metrics": "vitspec.metrics",
@@ -26,4 +28,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'vitspec' has no attribute {name!r}")
 
 
-__all__ = ["__version__", *_API]
+def __dir__():
+    return sorted([*globals(), *_API])
+

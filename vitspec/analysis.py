@@ -23,6 +23,7 @@ from vitspec.inputs import eval_transform, iter_batches, open_images
 from vitspec.loading import LoadedModel, load_model
 from vitspec.metrics import MetricSpec, list_metrics
 from vitspec.results import METRIC_COLUMNS, SPECTRA_COLUMNS, Result, moments_frame, validate
+from vitspec.scaling import techniques
 
 
 def resolve_device(device: str) -> torch.device:
@@ -53,14 +54,14 @@ def select_metrics(patterns: str | Sequence[str] | None) -> list[MetricSpec]:
 
 
 def load(model: str | nn.Module, *, ckpt=None, random_init=False, seed=0, ema=False,
-         strict=True, model_kwargs=None) -> LoadedModel:
+         strict=True, model_kwargs=None, featscale_form=None) -> LoadedModel:
     """A ``LoadedModel`` from a name (loading weights) or an in-memory module (used as is)."""
     if isinstance(model, nn.Module):
         name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
         return LoadedModel(model=model.eval(), name=name, timm_name=name, checkpoint="in-memory",
                            provenance={"source": "in-memory"})
     return load_model(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema,
-                      strict=strict, model_kwargs=model_kwargs)
+                      strict=strict, model_kwargs=model_kwargs, featscale_form=featscale_form)
 
 
 def analyze(
@@ -81,6 +82,7 @@ def analyze(
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
     model_kwargs: dict | None = None,
+    featscale_form: str | None = None,
 ) -> Result:
     """Capture every block's tokens and attention on a set of images and reduce them to metrics.
 
@@ -102,6 +104,9 @@ def analyze(
         progress: show a tqdm bar on stderr (the CLI turns it on for terminals).
         warn: receives one-line warnings (default: print to stderr).
         model_kwargs: extra ``timm.create_model`` arguments (tiny test models).
+        featscale_form: ``'doubled'`` / ``'single'`` FeatScale for a model given by name (see
+            :func:`vitspec.loading.load_model`). Blocks with AttnScale also get ``pre_attn_*``
+            rows: the attention metrics on the pre-scale attention.
 
     Returns:
         A ``Result`` with ``.metrics`` and ``.spectra`` DataFrames and ``.info`` provenance.
@@ -118,7 +123,7 @@ def analyze(
     if batch_size < 1:
         raise VitspecError(f"--batch-size must be >= 1, got {batch_size}")
     loaded = load(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema, strict=strict,
-                  model_kwargs=model_kwargs)
+                  model_kwargs=model_kwargs, featscale_form=featscale_form)
     for line in loaded.provenance.get("warnings", []):
         warn(line)
     net = loaded.model.eval()
@@ -139,6 +144,8 @@ def analyze(
     with torch.inference_mode(), capture(
         adapter, sites=sites, on_tokens=collector.on_tokens,
         on_attention=collector.on_attention if attention else None,
+        on_pre_attention=(collector.on_pre_attention
+                          if attention and adapter.has_pre_attention else None),
     ):
         for batch in batches:
             collector.start_batch(adapter.grid(tuple(batch.shape[-2:])))
@@ -181,6 +188,10 @@ def analyze(
         "sites": list(sites),
         "metrics": [s.name for s in specs],
         "attention_refused": {str(k): v for k, v in collector.refused.items()},
+        "pre_attention_refused": {str(k): v for k, v in collector.refused_pre.items()},
+        "attention_metrics_refused": {f"{name} layer {layer}": why for (layer, name), why
+                                      in collector.refused_metrics.items()},
+        "techniques": techniques(net),
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
         or platform.machine(),

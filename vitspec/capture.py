@@ -18,6 +18,7 @@ SITES = ("embed", "mid", "block")
 
 TokenCallback = Callable[[str, int, Tensor], None]
 AttentionCallback = Callable[[int, Tensor], None]
+BranchCallback = Callable[[str, int, Tensor], None]
 
 
 def check_sites(sites) -> tuple[str, ...]:
@@ -41,6 +42,8 @@ def capture(
     sites: tuple[str, ...],
     on_tokens: TokenCallback,
     on_attention: AttentionCallback | None = None,
+    on_pre_attention: AttentionCallback | None = None,
+    on_attn_branch: BranchCallback | None = None,
 ) -> Iterator[None]:
     """Register exactly the hooks the sites need; remove them and restore fused attention on exit.
 
@@ -51,11 +54,19 @@ def capture(
         on_attention: called as ``on_attention(layer, attn[B, H, N, N])`` with the post-softmax
             attention of block ``layer`` (1-based). When given, fused attention (SDPA, which never
             forms the matrix) is switched off on every attention module for the duration.
+        on_pre_attention: called as ``on_pre_attention(layer, attn[B, H, N, N])`` with the
+            pre-scale attention ``A`` of blocks with AttnScale (``adapter.pre_attn_taps``; see
+            :mod:`vitspec.scaling`), before ``on_attention`` gets that block's ``A'``.
+        on_attn_branch: called as ``on_attn_branch("input", layer, y[B, N, C])`` with the input
+            of block ``layer``'s attention module (``adapter.attn_modules``; timm: ``norm1(x)``)
+            and as ``on_attn_branch("output", layer, branch[B, N, C])`` with the attention branch
+            added to the residual stream (``adapter.branch_taps``). Blocks without the module
+            are skipped. It does not switch fused attention off by itself.
     """
     handles = []
     saved = []
     try:
-        if on_attention is not None:
+        if on_attention is not None or on_pre_attention is not None:
             for module in adapter.attn_modules:
                 if module is not None:
                     saved.append((module, module.fused_attn))
@@ -79,6 +90,13 @@ def capture(
                 if tap is not None:
                     handles.append(tap.register_forward_pre_hook(
                         lambda _m, args, layer=layer: on_attention(layer, args[0])))
+        if on_pre_attention is not None:
+            for layer, tap in enumerate(adapter.pre_attn_taps, start=1):
+                if tap is not None:
+                    handles.append(tap.register_forward_pre_hook(
+                        lambda _m, args, layer=layer: on_pre_attention(layer, args[0])))
+        if on_attn_branch is not None:
+            handles += _branch_hooks(adapter, on_attn_branch)
         yield
     finally:
         for handle in handles:
@@ -98,3 +116,17 @@ def _mid_hooks(block, tap, layer: int, on_tokens: TokenCallback) -> list:
         on_tokens("mid", layer, held.pop("x") + branch)
 
     return [block.register_forward_pre_hook(keep_input), tap.register_forward_hook(emit)]
+
+
+def _branch_hooks(adapter: Adapter, on_attn_branch: BranchCallback) -> list:
+    """Pre-hooks on the attention modules (their input) and hooks on the branch taps (output)."""
+    handles = []
+    for layer, module in enumerate(adapter.attn_modules, start=1):
+        if module is not None:
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, args, layer=layer: on_attn_branch("input", layer, args[0])))
+    for layer, tap in enumerate(adapter.branch_taps, start=1):
+        if tap is not None:
+            handles.append(tap.register_forward_hook(
+                lambda _m, _a, out, layer=layer: on_attn_branch("output", layer, out)))
+    return handles

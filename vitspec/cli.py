@@ -25,13 +25,25 @@ def _analyze(args: argparse.Namespace) -> int:
         strict=not args.non_strict, images=args.images, num_images=args.num_images,
         sites=[s.strip() for s in args.sites.split(",") if s.strip()], metrics=args.metrics,
         batch_size=args.batch_size, device=args.device, label=label,
-        progress=not args.quiet and sys.stderr.isatty(),
+        progress=not args.quiet and sys.stderr.isatty(), featscale_form=args.featscale_form,
     )
     result.save(out, overwrite=args.overwrite, figures=not args.no_figures)
     info = result.info
+    for note in info.get("weights", {}).get("notes", []):
+        _say(args, note)
     _say(args, f"{info['images']['used']} images, {info['images_per_s']} img/s on {info['device']}"
                f" -> {out}/ (metrics.csv, spectra.csv, run.json"
                f"{', figures' if not args.no_figures else ''})")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from vitspec.comparison import compare
+
+    result = compare(args.run_dirs, args.out, metrics=args.metrics, site=args.site, x=args.x,
+                     labels=args.labels, overwrite=args.overwrite)
+    _say(args, f"{len(result.labels)} runs, {len(result.metrics)} metrics, x = {result.info['x']}"
+               f" -> {args.out}/ (compare.png, compare.pdf, differences.csv, compare.json)")
     return 0
 
 
@@ -52,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="timm model name or alias (deit_tiny, deit_small, deit_base, "
                                  "deit_small_distilled, vit_tiny, vit_small, vit_base)")
     _add_weights(p)
+    p.add_argument("--featscale-form", choices=("doubled", "single"), default=None,
+                   help="FeatScale form for a checkpoint with blocks.*.lamb1/lamb2: doubled "
+                        "(released DeiT code, gains 1+2s/1+2t) or single (default: doubled for "
+                        "DeiT/ViT, single for CaiT; registered names keep their own)")
     p.add_argument("--images", metavar="DIR", help="image folder, searched recursively "
                                                    "(default: the bundled sample photographs)")
     p.add_argument("--num-images", type=int, metavar="N", help="first N readable images, sorted")
@@ -67,6 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-figures", action="store_true", help="write the tables only")
     _add_common(p)
     p.set_defaults(func=_analyze)
+
+    p = sub.add_parser("compare", help="overlay the same metrics from several run directories",
+                       description="Overlay metrics of several runs (mean +/- sd against layer or "
+                                   "normalised depth) and tabulate per-layer differences against "
+                                   "the first run.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run directories written by 'vitspec analyze'; the first is the reference")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory: compare.png/.pdf, differences.csv, compare.json")
+    p.add_argument("--metrics", default=None, metavar="NAMES",
+                   help="comma-separated metric names or patterns (default: every token metric at "
+                        "--site and attention head mean shared by all runs, patch_cos_abs first)")
+    p.add_argument("--site", default="block", help="token site: embed, mid or block (default block)")
+    p.add_argument("--x", choices=["layer", "depth"], default=None,
+                   help="x axis (default: depth = layer / L when the runs' depths differ, else "
+                        "layer)")
+    p.add_argument("--labels", default=None, metavar="A,B,...",
+                   help="one label per run (default: each run.json's run name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    _add_common(p)
+    p.set_defaults(func=_compare)
     return parser
 
 

@@ -14,11 +14,12 @@ from torch import Tensor
 
 from vitspec.capture import SITES
 from vitspec.errors import VitspecError
-from vitspec.functional import is_row_stochastic
+from vitspec.functional import AttnView, TokenView
 from vitspec.metrics import MetricSpec, Moments
 
 SITE_ORDER = {site: i for i, site in enumerate((*SITES, "attn"))}
 ALL_HEADS = "heads"  # moments key for the per-head values; head -1 is their per-image mean
+PRE = "pre_"  # name prefix of the metrics on the pre-scale attention of AttnScale blocks
 
 
 class Collector:
@@ -28,6 +29,10 @@ class Collector:
         specs: the selected metrics (token, token_curve, attn, attn_curve).
         num_prefix: prefix tokens before the patch grid.
         warn: where one-line warnings go (refused attention modules).
+
+    Blocks with AttnScale (:mod:`vitspec.scaling`) also report their pre-scale attention
+    through :meth:`on_pre_attention`; its rows carry the attention metric names prefixed with
+    ``pre_`` (``pre_attn_entropy``, ...), its refusals are in ``refused_pre``.
     """
 
     def __init__(self, specs: list[MetricSpec], num_prefix: int, warn: Callable[[str], None]):
@@ -38,12 +43,15 @@ class Collector:
         self.grid: tuple[int, int] = (0, 0)
         self.moments: dict[tuple, Moments] = {}
         self.refused: dict[int, str] = {}
+        self.refused_pre: dict[int, str] = {}
+        self.refused_metrics: dict[tuple[int, str], str] = {}  # (layer, name) -> reason
         self.num_heads = 0
-        self._prev: tuple[int, Tensor] | None = None
+        self._prev: tuple[int, AttnView] | None = None
+        self._pre_prev: tuple[int, AttnView] | None = None
 
     def start_batch(self, grid: tuple[int, int]) -> None:
         self.grid = grid
-        self._prev = None
+        self._prev = self._pre_prev = None
 
     def on_tokens(self, site: str, layer: int, tokens: Tensor) -> None:
         _check_finite(tokens, f"layer {layer} {site} tokens")
@@ -51,35 +59,68 @@ class Collector:
         if tokens.shape[1] != n_tokens:
             raise VitspecError(f"{site} layer {layer} has {tokens.shape[1]} tokens, expected "
                                f"{self.num_prefix} prefix + {self.grid[0]}x{self.grid[1]} patches")
+        view = TokenView(tokens, self.num_prefix, self.grid)  # shared intermediates, this site only
         for spec in self.token_specs:
-            self._update((site, layer, None, spec.name), spec.fn(tokens, self.num_prefix, self.grid))
+            self._update((site, layer, None, spec.name), spec.fn(view, self.num_prefix, self.grid))
 
     def on_attention(self, layer: int, attn: Tensor) -> None:
-        if layer in self.refused:
-            return
-        _check_finite(attn, f"layer {layer} attention (blocks.{layer - 1}.attn)")
+        self._prev = self._attention(layer, attn, "", self.refused, self._prev)
+
+    def on_pre_attention(self, layer: int, attn: Tensor) -> None:
+        """The pre-scale attention ``A`` of an AttnScale block: rows named ``pre_<metric>``."""
+        self._pre_prev = self._attention(layer, attn, PRE, self.refused_pre, self._pre_prev)
+
+    def _attention(self, layer: int, attn: Tensor, prefix: str, refused: dict[int, str],
+                   prev_state: tuple[int, AttnView] | None) -> tuple[int, AttnView] | None:
+        """Update ``prefix + name`` moments; return the new previous-layer state."""
+        if layer in refused:
+            return prev_state
+        what = "pre-scale attention (blocks.{}.attn.attn_scale)" if prefix else \
+            "attention (blocks.{}.attn)"
+        _check_finite(attn, f"layer {layer} {what.format(layer - 1)}")
         n_tokens = self.num_prefix + self.grid[0] * self.grid[1]
-        problem = None
+        prev = prev_state[1] if prev_state is not None and prev_state[0] == layer - 1 else None
+        problem, signed = None, False
         if attn.dim() != 4 or attn.shape[-1] != n_tokens or attn.shape[-2] != n_tokens:
             problem = f"its output has shape {tuple(attn.shape)}, not [B, H, {n_tokens}, {n_tokens}]"
-        elif not is_row_stochastic(attn, atol=1e-4):
-            problem = "its output is not row-stochastic (negative entries or rows not summing to 1)"
+        else:
+            view = AttnView(attn, prev)  # intermediates shared by this layer's metrics
+            if not view.rows_sum_to_one(atol=1e-4):
+                problem = "its output is not row-stochastic (rows not summing to 1)"
+            # rows summing to 1 with negative entries: AttnScale's A' = J + (1 + w)(A - J), w > 0
+            signed = not view.nonnegative
         if problem is not None:
-            self.refused[layer] = problem
+            refused[layer] = problem
+            names = {prefix + s.name for s in self.attn_specs}
             self.moments = {k: v for k, v in self.moments.items()
-                            if not (k[0] == "attn" and k[1] == layer)}
-            self.warn(f"block {layer}: attention metrics skipped: {problem}")
-            self._prev = None
-            return
+                            if not (k[0] == "attn" and k[1] == layer and k[3] in names)}
+            self.warn(f"block {layer}: {'pre-scale ' if prefix else ''}attention metrics "
+                      f"skipped: {problem}")
+            return None
         self.num_heads = attn.shape[1]
-        prev = self._prev[1] if self._prev is not None and self._prev[0] == layer - 1 else None
         for spec in self.attn_specs:
             if spec.needs_prev and prev is None:
                 continue
-            values = spec.fn(attn, prev)
-            self._update(("attn", layer, ALL_HEADS, spec.name), values)
-            self._update(("attn", layer, -1, spec.name), values.mean(dim=1))
-        self._prev = (layer, attn)
+            if spec.needs_nonnegative and (signed or (layer, prefix + spec.name)
+                                           in self.refused_metrics):
+                self._refuse_metric(layer, prefix + spec.name)
+                continue
+            values = spec.fn(view, prev)
+            self._update(("attn", layer, ALL_HEADS, prefix + spec.name), values)
+            self._update(("attn", layer, -1, prefix + spec.name), values.mean(dim=1))
+        view.prev = None  # the chain holds one layer back, never the whole depth
+        return (layer, view)
+
+    def _refuse_metric(self, layer: int, name: str) -> None:
+        """Skip one metric that needs A >= 0 at ``layer`` for the whole run (once warned)."""
+        if (layer, name) in self.refused_metrics:
+            return
+        reason = ("the attention has negative entries (its rows sum to 1: AttnScale with "
+                  "w > 0 makes A' = J + (1 + w)(A - J) negative where A < w / ((1 + w) N))")
+        self.refused_metrics[(layer, name)] = reason
+        self.moments = {k: v for k, v in self.moments.items()
+                        if not (k[0] == "attn" and k[1] == layer and k[3] == name)}
+        self.warn(f"block {layer}: {name} skipped: {reason}")
 
     def _update(self, key: tuple, values: Tensor) -> None:
         moments = self.moments.get(key)
@@ -91,17 +132,21 @@ class Collector:
         """Metric rows and spectra rows, ordered by site, layer, head and metric order.
 
         Args:
-            kinds: metric name -> registry kind (to tell scalars from curves).
+            kinds: metric name -> registry kind (to tell scalars from curves); ``pre_<name>``
+                rows take the kind of ``<name>`` and follow the unprefixed metrics.
             depth: number of blocks L (``depth`` column = layer / L).
             ids: the leading columns (run, model, checkpoint).
         """
         order = {name: i for i, name in enumerate(kinds)}
         metric_rows, spectra_rows = [], []
 
+        def unprefixed(name: str) -> str:
+            return name if name in kinds else name.removeprefix(PRE)
+
         def sort_key(item):
             (site, layer, head, name), _ = item
             head_rank = -2 if head is None else (-1 if head == -1 else 0)
-            return SITE_ORDER[site], layer, head_rank, order[name]
+            return SITE_ORDER[site], layer, head_rank, name != unprefixed(name), order[unprefixed(name)]
 
         for (site, layer, head, name), moments in sorted(self.moments.items(), key=sort_key):
             mean, std, n = moments.compute()
@@ -109,7 +154,7 @@ class Collector:
             per_head = zip(heads, mean, std) if head == ALL_HEADS else [(head, mean, std)]
             for h, m, s in per_head:
                 base = {**ids, "site": site, "layer": layer}
-                if kinds[name].endswith("curve"):
+                if kinds[unprefixed(name)].endswith("curve"):
                     for freq, (mf, sf) in enumerate(zip(m.tolist(), s.tolist())):
                         spectra_rows.append({**base, "head": h, "curve": name, "freq": freq,
                                              "mean": mf, "std": sf, "n": n})

@@ -36,6 +36,7 @@ import timm
 import torch
 from torch import Tensor
 
+from vitspec import scaling  # registers the AttnScale / FeatScale model names with timm
 from vitspec.errors import VitspecError
 
 __all__ = [
@@ -65,6 +66,8 @@ _EMA_KEYS = ("model_ema", "state_dict_ema")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 _FORBIDDEN_KWARGS = ("pretrained", "checkpoint_path")
 _MAX_LISTED = 8
+_ATTNSCALE_KEY = re.compile(r"blocks\.\d+\.attn\.lamb")
+_FEATSCALE_KEY = re.compile(r"blocks\.\d+\.lamb[12]")
 
 
 @dataclass
@@ -77,7 +80,8 @@ class LoadedModel:
         timm_name: the resolved timm model name.
         checkpoint: checkpoint file name (basename) or ``'random-init'``.
         provenance: JSON-serialisable record (``checkpoint_path``, ``sha256``, ``format``,
-            ``loaded_key``, ``seed``, ``warnings``, ``source``, ...).
+            ``loaded_key``, ``seed``, ``warnings``, ``source``, ``techniques_added``, ``notes``
+            (one-line messages for the user that are not warnings), ...).
     """
 
     model: torch.nn.Module
@@ -450,6 +454,7 @@ def load_model(
     ema: bool = False,
     strict: bool = True,
     model_kwargs: dict | None = None,
+    featscale_form: str | None = None,
 ) -> LoadedModel:
     """Create a timm model and load local weights into it (never downloads).
 
@@ -462,6 +467,14 @@ def load_model(
         strict: missing / unexpected / shape-mismatched keys raise; if False they become
             ``provenance['warnings']`` and only the fitting keys are loaded.
         model_kwargs: passed to ``timm.create_model`` (e.g. ``img_size=32``).
+        featscale_form: ``'doubled'`` or ``'single'`` FeatScale (see :mod:`vitspec.scaling`);
+            None keeps a registered name's form and, for FeatScale found in a checkpoint loaded
+            into a plain name, uses the authors' released form (doubled for DeiT / ViT, single
+            for CaiT).
+
+    A checkpoint with AttnScale (``blocks.*.attn.lamb``) or FeatScale (``blocks.*.lamb1`` /
+    ``lamb2``) parameters loaded into a model without them gets the technique added before the
+    strict key check; ``provenance['techniques_added']`` and ``provenance['notes']`` say so.
 
     Without ``ckpt`` or ``random_init`` the weights must already be in the local HF / torch hub
     cache (:func:`find_cached_weights`).
@@ -482,6 +495,7 @@ def load_model(
         )
     if random_init and ckpt is not None:
         raise VitspecError("random_init and ckpt are mutually exclusive: pass one of them")
+    scaling.check_featscale_form(featscale_form)
 
     provenance: dict[str, Any] = {
         "source": None,
@@ -497,9 +511,12 @@ def load_model(
         "resampled": [],
         "hub_location": None,
         "num_classes": None,
+        "techniques_added": [],
+        "notes": [],
     }
     if random_init:
         model = _create(timm_name, kwargs, seed)
+        _add_techniques(model, {}, timm_name, featscale_form, provenance)
         provenance["source"] = "random-init"
         provenance["num_classes"] = getattr(model, "num_classes", None)
         return LoadedModel(model, name, timm_name, "random-init", provenance)
@@ -556,6 +573,7 @@ def load_model(
     provenance["resampled"] = [note for k, note in resampled.items() if "pos_embed" in k]
     reshaped = [note for k, note in resampled.items() if "pos_embed" not in k]
 
+    _add_techniques(model, sd, timm_name, featscale_form, provenance)
     model_sd = model.state_dict()
     missing = [k for k in model_sd if k not in sd]
     if head_tolerated:
@@ -588,3 +606,33 @@ def load_model(
     model.float().cpu().eval()
     provenance["num_classes"] = int(kwargs["num_classes"])
     return LoadedModel(model, name, timm_name, path.name, provenance)
+
+
+def _add_techniques(model, sd, timm_name: str, form: str | None, provenance: dict) -> None:
+    """Add AttnScale / FeatScale when ``sd`` has their parameters and ``model`` lacks them, and
+    set the FeatScale form asked for; notes and warnings go into ``provenance``."""
+    have = scaling.techniques(model)
+    added, notes = provenance["techniques_added"], provenance["notes"]
+    try:
+        if not have["attnscale"] and any(_ATTNSCALE_KEY.fullmatch(k) for k in sd):
+            scaling.add_attnscale(model)
+            added.append("attnscale")
+            notes.append("checkpoint has AttnScale parameters (blocks.*.attn.lamb): added "
+                         f"AttnScale to {timm_name}")
+        if have["featscale"] is None and any(_FEATSCALE_KEY.fullmatch(k) for k in sd):
+            chosen = form or scaling.default_featscale_form(model)
+            scaling.add_featscale(model, doubled=chosen == "doubled")
+            added.append("featscale")
+            gains = ("gains 1+2s, 1+2t as the released DeiT code" if chosen == "doubled"
+                     else "gains 1+s, 1+t")
+            notes.append("checkpoint has FeatScale parameters (blocks.*.lamb1/lamb2): added "
+                         f"FeatScale to {timm_name}, {chosen} form ({gains}"
+                         f"{'' if form else '; --featscale-form to change'})")
+            return
+    except VitspecError as err:
+        raise VitspecError(f"checkpoint has AttnScale/FeatScale parameters but {err}") from None
+    if form is not None and have["featscale"] is not None:
+        scaling.add_featscale(model, doubled=form == "doubled")
+    elif form is not None:
+        provenance["warnings"].append(f"featscale_form={form!r} ignored: {timm_name} has no "
+                                      "FeatScale and the checkpoint no blocks.*.lamb1/lamb2")

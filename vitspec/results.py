@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,10 +73,7 @@ class Result:
         end, so an interrupted or failed save leaves no half-written run directory.
         """
         out = Path(out)
-        check_out_dir(out, overwrite)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with atomic_dir(out, overwrite) as tmp:
             self.metrics.to_csv(tmp / "metrics.csv", index=False, float_format="%.10g")
             self.spectra.to_csv(tmp / "spectra.csv", index=False, float_format="%.10g")
             (tmp / "run.json").write_text(json.dumps(self.info, indent=2, default=str) + "\n")
@@ -82,12 +81,6 @@ class Result:
                 from vitspec.plots import save_run_figures
 
                 save_run_figures(self, tmp)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
     @classmethod
@@ -104,6 +97,31 @@ class Result:
                               na_values=[""])
         info = json.loads((run_dir / "run.json").read_text())
         return cls(metrics=metrics, spectra=spectra, info=info)
+
+
+@contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory of ``out`` that replaces ``out`` when the block ends.
+
+    ``out`` is checked first (``check_out_dir``); if the block raises, the temporary directory is
+    removed and ``out`` is left as it was, so no half-written output directory ever appears.
+
+    Example:
+        >>> with atomic_dir(tmp_path / "out") as tmp:  # doctest: +SKIP
+        ...     (tmp / "table.csv").write_text("a,b\\n")
+    """
+    out = Path(out)
+    check_out_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from vitspec.adapters import cait, vit
 from vitspec.adapters.base import Adapter
-from vitspec.adapters import vit
 from vitspec.errors import VitspecError
 
-_FAMILIES = (vit,)
+_FAMILIES = (cait, vit)  # cait first: vit.match would also accept a Cait, with the wrong prefix
 
 
 def get_adapter(model: nn.Module, name: str | None = None) -> Adapter:

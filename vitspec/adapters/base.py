@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -21,6 +21,9 @@ class Adapter:
         branch_taps: per block, the module whose output is the attention branch added to the
             residual stream (for the ``mid`` site); ``None`` where the block has none.
         patch_size: the patch embedding's (ph, pw), used to find the runtime grid.
+        pre_attn_taps: per block, the module whose forward *input* is the pre-scale attention
+            ``A`` of a block with AttnScale (``attn.attn_scale``, see :mod:`vitspec.scaling`);
+            ``None`` where the block has no AttnScale. Empty: no block has one.
     """
 
     family: str
@@ -30,6 +33,12 @@ class Adapter:
     attn_taps: list[nn.Module | None]
     branch_taps: list[nn.Module | None]
     patch_size: tuple[int, int]
+    pre_attn_taps: list[nn.Module | None] = field(default_factory=list)
+
+    @property
+    def has_pre_attention(self) -> bool:
+        """True when some block has AttnScale (a pre-scale attention to observe)."""
+        return any(t is not None for t in self.pre_attn_taps)
 
     @property
     def depth(self) -> int:

@@ -32,4 +32,5 @@ def match(model: nn.Module) -> Adapter | None:
         attn_taps=[getattr(a, "attn_drop", None) for a in attns],
         branch_taps=[getattr(b, "drop_path1", None) for b in blocks],
         patch_size=_pair(patch_embed.patch_size),
+        pre_attn_taps=[getattr(a, "attn_scale", None) for a in attns],
     )

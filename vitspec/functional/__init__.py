@@ -2,6 +2,8 @@
 
 Token metrics: ``fn(tokens [B, N, C], num_prefix, grid) -> [B]`` (curves ``[B, K]``).
 Attention metrics: ``fn(attn [B, H, N, N], prev) -> [B, H]`` (curve ``[B, H, N]``).
+``tokens`` / ``attn`` / ``prev`` may also be a :class:`TokenView` / :class:`AttnView`, which computes
+the intermediates several metrics share (centred tokens, unit columns, Gram matrices) once.
 No hooks, files or pandas here; the registry lives in :mod:`vitspec.metrics`.
 """
 
@@ -15,7 +17,10 @@ from vitspec.functional.attention import (
     hc_gain_exact,
     is_row_stochastic,
 )
-from vitspec.functional.linalg import top_singular_value, top_singular_value_exact
+from vitspec.functional.linalg import (
+    top_singular_value,
+    top_singular_value_exact,
+)
 from vitspec.functional.tokens import (
     dlogamp,
     dlogamp_hf,
@@ -28,13 +33,17 @@ from vitspec.functional.tokens import (
     rank_residual,
     token_spectrum,
 )
+from vitspec.functional.views import AttnView, TokenView, attn_view, token_view
 
 __all__ = [
+    "AttnView",
+    "TokenView",
     "attn_cos",
     "attn_cross_layer_sim",
     "attn_entropy",
     "attn_hc_gain",
     "attn_spectrum",
+    "attn_view",
     "dlogamp",
     "dlogamp_hf",
     "double_centre",
@@ -48,6 +57,7 @@ __all__ = [
     "patch_cos_abs",
     "rank_residual",
     "token_spectrum",
+    "token_view",
     "top_singular_value",
     "top_singular_value_exact",
 ]

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from vitspec.errors import VitspecError
 from vitspec.functional.linalg import compute_dtype, top_singular_value, top_singular_value_exact
+from vitspec.functional.views import AttnView, _check_attn, attn_view
 
 __all__ = [
     "attn_cos",
@@ -31,17 +32,11 @@ __all__ = [
 ]
 
 
-def _check(attn: Tensor, name: str = "attn") -> Tensor:
-    if not isinstance(attn, Tensor):
-        raise VitspecError(f"{name} must be a torch.Tensor, got {type(attn).__name__}")
-    if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2]:
-        raise VitspecError(f"{name} must have shape [B, H, N, N], got {tuple(attn.shape)}")
-    if not attn.is_floating_point():
-        raise VitspecError(f"{name} must be a floating-point tensor, got {attn.dtype}")
-    return attn.to(compute_dtype(attn))
+Attn = Tensor | AttnView
+Prev = Tensor | AttnView | None
 
 
-def is_row_stochastic(attn: Tensor, atol: float = 1e-4) -> bool:
+def is_row_stochastic(attn: Attn, atol: float = 1e-4) -> bool:
     """True when every entry is >= 0 and every row sums to 1 within ``atol``.
 
     Args:
@@ -52,15 +47,13 @@ def is_row_stochastic(attn: Tensor, atol: float = 1e-4) -> bool:
         >>> is_row_stochastic(torch.full((1, 1, 4, 4), 0.25))
         True
     """
-    if attn.numel() == 0:
+    v = attn_view(attn)
+    if v.a.numel() == 0:
         return True
-    a = attn.to(compute_dtype(attn))
-    if not bool((a >= 0).all()):  # also False for NaN
-        return False
-    return bool(((a.sum(dim=-1) - 1).abs() <= atol).all())
+    return v.nonnegative and v.rows_sum_to_one(atol)
 
 
-def attn_entropy(attn: Tensor, prev: Tensor | None = None) -> Tensor:
+def attn_entropy(attn: Attn, prev: Prev = None) -> Tensor:
     """Mean over query rows of the row entropy ``-sum_j A_ij log A_ij`` (nats; 0 log 0 = 0).
 
     ``log N`` for uniform attention, 0 for one-hot rows.
@@ -77,8 +70,9 @@ def attn_entropy(attn: Tensor, prev: Tensor | None = None) -> Tensor:
         >>> round(attn_entropy(a).item(), 6)  # log 4
         1.386294
     """
-    a = _check(attn)
-    row = -torch.special.xlogy(a, a).sum(dim=-1)  # [B, H, N]
+    a = attn_view(attn, prev).a
+    # 0 log 0 = 0: clamping a zero (underflowed) entry before the log keeps the product 0
+    row = -(a * a.clamp_min(torch.finfo(a.dtype).tiny).log()).sum(dim=-1)  # [B, H, N]
     return row.to(torch.float64).mean(dim=-1)
 
 
@@ -98,14 +92,14 @@ def double_centre(attn: Tensor) -> Tensor:
     return (a - col) - (row - row.mean(dim=-2, keepdim=True))
 
 
-def attn_hc_gain(attn: Tensor, prev: Tensor | None = None) -> Tensor:
+def attn_hc_gain(attn: Attn, prev: Prev = None) -> Tensor:
     """Largest singular value of ``(I - J) A (I - J)`` (Wang et al. 2022, Thm. 3).
 
     The worst-case factor by which the map scales the high-frequency part of its input:
     ``||HC[A Z]||_F <= attn_hc_gain * ||HC[Z]||_F``. 1 for the identity map, 0 for uniform
     attention. Computed with Lanczos (:func:`~vitspec.functional.linalg.top_singular_value`,
-    relative residual tolerance 1e-4, so the relative error is at most 5e-5 and in practice
-    ~1e-8) with exact SVD fallback; :func:`hc_gain_exact` is the float64 SVD reference.
+    relative residual tolerance 1e-3, so the relative error is at most 5e-4 and in practice
+    ~1e-7) with exact SVD fallback; :func:`hc_gain_exact` is the float64 SVD reference.
 
     Args:
         attn: ``[B, H, N, N]`` attention (any real matrix; row-stochasticity is not assumed).
@@ -118,8 +112,8 @@ def attn_hc_gain(attn: Tensor, prev: Tensor | None = None) -> Tensor:
         >>> round(attn_hc_gain(torch.eye(30).expand(1, 2, 30, 30)).tolist()[0][0], 6)
         1.0
     """
-    a = _check(attn)
-    return top_singular_value(double_centre(a))
+    # sigma_max((I - J) A (I - J)) = sigma_max(W (I - J) A (I - J)): W is orthonormal on 1-perp
+    return top_singular_value(attn_view(attn, prev).centred_dft, centre=True)
 
 
 def hc_gain_exact(attn: Tensor) -> Tensor:
@@ -135,11 +129,11 @@ def hc_gain_exact(attn: Tensor) -> Tensor:
         >>> hc_gain_exact(torch.full((1, 1, 3, 3), 1 / 3)).abs().max().item() < 1e-12
         True
     """
-    _check(attn)
+    _check_attn(attn)
     return top_singular_value_exact(double_centre(attn.to(torch.float64)))
 
 
-def attn_cos(attn: Tensor, prev: Tensor | None = None) -> Tensor:
+def attn_cos(attn: Attn, prev: Prev = None) -> Tensor:
     """Mean over ALL ordered column pairs (i, j), diagonal included, of ``|cos(A[:, i], A[:, j])|``.
 
     For ``A >= 0`` (post-softmax attention) every cosine is >= 0, so ``|cos| = cos`` and the mean
@@ -158,18 +152,17 @@ def attn_cos(attn: Tensor, prev: Tensor | None = None) -> Tensor:
         >>> round(attn_cos(torch.full((1, 1, 5, 5), 0.2)).item(), 6)
         1.0
     """
-    a = _check(attn)
-    n = a.shape[-1]
-    norms = a.norm(dim=-2, keepdim=True)  # [B, H, 1, N] column norms
-    unit = a / norms.clamp_min(torch.finfo(a.dtype).tiny)
-    if bool((a >= 0).all()):
+    v = attn_view(attn, prev)
+    n = v.a.shape[-1]
+    unit = v.unit_columns
+    if v.nonnegative:
         s = unit.sum(dim=-1).to(torch.float64)  # sum of unit columns, [B, H, N]
         return (s * s).sum(dim=-1) / n**2
     gram = unit.mT @ unit
     return gram.abs().to(torch.float64).sum(dim=(-2, -1)) / n**2
 
 
-def attn_cross_layer_sim(attn: Tensor, prev: Tensor | None) -> Tensor:
+def attn_cross_layer_sim(attn: Attn, prev: Prev) -> Tensor:
     """Mean over key tokens t of ``cos(A^l[:, t], A^(l-1)[:, t])``, same head (DeepViT columns).
 
     Args:
@@ -187,28 +180,25 @@ def attn_cross_layer_sim(attn: Tensor, prev: Tensor | None) -> Tensor:
         >>> bool(torch.allclose(attn_cross_layer_sim(a, a), torch.ones(2, 3, dtype=torch.float64)))
         True
     """
-    a = _check(attn)
-    if prev is None:
+    v = attn_view(attn, prev)
+    if v.prev is None:
         raise VitspecError("attn_cross_layer_sim needs prev, the previous layer's attention")
-    p = _check(prev, "prev").to(a.dtype)
-    if p.shape != a.shape:
+    if v.prev.a.shape != v.a.shape:
         raise VitspecError(
-            f"prev has shape {tuple(p.shape)} but attn has shape {tuple(a.shape)}; "
+            f"prev has shape {tuple(v.prev.a.shape)} but attn has shape {tuple(v.a.shape)}; "
             "attn_cross_layer_sim compares the same images and heads"
         )
-    tiny = torch.finfo(a.dtype).tiny
-    dot = (a * p).sum(dim=-2)
-    den = a.norm(dim=-2) * p.norm(dim=-2)
-    cos = dot / den.clamp_min(tiny)
+    cos = (v.unit_columns * v.prev.unit_columns.to(v.a.dtype)).sum(dim=-2)
     return cos.to(torch.float64).mean(dim=-1)
 
 
-def attn_spectrum(attn: Tensor, prev: Tensor | None = None) -> Tensor:
+def attn_spectrum(attn: Attn, prev: Prev = None) -> Tensor:
     """Norm of row k of ``S = F A F^H`` for k = 0..N-1 (F the unitary N-point DFT).
 
     ``F^H`` is unitary, so row k of S has the norm of row k of ``F A``: a DFT of every column
     over the query axis, no second transform. For real A, row N-k of ``F A`` is the conjugate of
-    row k, so a real FFT (k = 0..N//2) gives all N values. ``S[0, 0] = 1`` and the k = 0 value is
+    row k, so the real transform of :attr:`AttnView.centred_dft` (k = 1..N//2, shared with
+    ``attn_hc_gain``) gives all N values. ``S[0, 0] = 1`` and the k = 0 value is
     ``sqrt(N) * ||column means||`` (1 for uniform attention, whose other values are 0).
 
     Args:
@@ -222,9 +212,15 @@ def attn_spectrum(attn: Tensor, prev: Tensor | None = None) -> Tensor:
         >>> attn_spectrum(torch.full((1, 1, 4, 4), 0.25)).squeeze().tolist()
         [1.0, 0.0, 0.0, 0.0]
     """
-    a = _check(attn)
-    n = a.shape[-1]
-    z = torch.fft.rfft(a, dim=-2, norm="ortho")  # [B, H, N//2 + 1, N]
-    energy = (z.real.square() + z.imag.square()).sum(dim=-1).to(torch.float64)
-    mirrored = energy[..., 1 : n - n // 2].flip(-1)  # rows N-1 .. N//2+1
-    return torch.cat([energy, mirrored], dim=-1).sqrt()
+    v = attn_view(attn, prev)
+    n = v.a.shape[-1]
+    half = (n - 1) // 2
+    row = v.centred_dft.square().sum(dim=-1).to(torch.float64)  # [B, H, N-1]
+    # k >= 1 of F A equals k >= 1 of F (I - J) A; W's cos and sin rows carry sqrt(2/N)
+    energy = (row[..., :half] + row[..., half : 2 * half]) / 2  # k = 1..half
+    if n % 2 == 0:
+        energy = torch.cat([energy, row[..., -1:]], dim=-1)  # Nyquist, k = n/2
+    dc = v.a.mean(dim=-2).to(torch.float64).square().sum(dim=-1, keepdim=True) * n
+    mirrored = energy[..., :half].flip(-1)  # k = n-half..n-1 mirror k = half..1
+    return torch.cat([dc, energy, mirrored], dim=-1).sqrt()
+

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vitspec.errors import VitspecError
 from vitspec.functional.linalg import compute_dtype
+from vitspec.functional.views import TokenView, token_view
 
 __all__ = [
     "dlogamp",
@@ -34,43 +34,10 @@ __all__ = [
 ]
 
 
-def _check(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> None:
-    if not isinstance(tokens, Tensor) or tokens.ndim != 3:
-        shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
-        raise VitspecError(f"tokens must be a tensor of shape [B, N, C], got {shape}")
-    if not tokens.is_floating_point():
-        raise VitspecError(f"tokens must be floating point, got {tokens.dtype}")
-    if len(grid) != 2 or min(grid) < 1:
-        raise VitspecError(f"grid must be (h, w) with h, w >= 1, got {tuple(grid)}")
-    h, w = int(grid[0]), int(grid[1])
-    if num_prefix < 0 or tokens.shape[1] != num_prefix + h * w:
-        raise VitspecError(
-            f"tokens have N={tokens.shape[1]} but num_prefix={num_prefix} plus grid {h}x{w} "
-            f"gives {num_prefix + h * w}"
-        )
+Tokens = Tensor | TokenView
 
 
-def _f64(tokens: Tensor) -> Tensor:
-    return tokens.to(torch.float64)
-
-
-def _hc(x: Tensor) -> Tensor:
-    """HC[X] = X - J X over all N tokens, [B, N, C]."""
-    return x - x.mean(dim=1, keepdim=True)
-
-
-def _patches(tokens: Tensor, num_prefix: int) -> Tensor:
-    return tokens[:, num_prefix:]
-
-
-def _patch_grid(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
-    """Patch tokens as a channel-first grid, [B, C, h, w] float64."""
-    h, w = int(grid[0]), int(grid[1])
-    p = _f64(_patches(tokens, num_prefix))
-    return p.reshape(p.shape[0], h, w, p.shape[-1]).permute(0, 3, 1, 2)
-
-
-def hc_dc_ratio(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+def hc_dc_ratio(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
     """``||HC[X]||_F / ||DC[X]||_F`` over all N tokens (0 for identical tokens).
 
     Args:
@@ -85,14 +52,11 @@ def hc_dc_ratio(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tenso
         >>> hc_dc_ratio(torch.ones(1, 5, 3), 1, (2, 2)).item()
         0.0
     """
-    _check(tokens, num_prefix, grid)
-    x = _f64(tokens)
-    mean = x.mean(dim=1)  # [B, C]
-    dc = mean.norm(dim=-1) * x.shape[1] ** 0.5
-    return _hc(x).norm(dim=(1, 2)) / dc
+    v = token_view(tokens, num_prefix, grid)
+    return (v.hc_energy / v.dc_energy).sqrt()
 
 
-def hc_energy(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+def hc_energy(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
     """``||HC[X]||_F^2 / ||X||_F^2`` over all N tokens (the non-DC share of the DFT energy).
 
     Args:
@@ -107,20 +71,11 @@ def hc_energy(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
         >>> hc_energy(torch.tensor([[[1.0], [-1.0]]]), 0, (1, 2)).item()
         1.0
     """
-    _check(tokens, num_prefix, grid)
-    x = _f64(tokens)
-    return _hc(x).square().sum(dim=(1, 2)) / x.square().sum(dim=(1, 2))
+    v = token_view(tokens, num_prefix, grid)
+    return v.hc_energy / v.energy
 
 
-def _unit_patches(tokens: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
-    """Unit-norm patch tokens [B, G, C] float64 (zero tokens stay zero) and their norms² [B, G]."""
-    p = _f64(_patches(tokens, num_prefix))
-    n = p.norm(dim=-1, keepdim=True)
-    u = p / n.clamp_min(torch.finfo(torch.float64).tiny)
-    return u, u.square().sum(dim=-1)
-
-
-def patch_cos_abs(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+def patch_cos_abs(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
     """Mean over ordered pairs ``i != j`` of ``|cos(p_i, p_j)|`` over the G patch tokens.
 
     Explicit ``G x G`` Gram of unit vectors (float32 unless the input is float64), diagonal
@@ -138,16 +93,15 @@ def patch_cos_abs(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Ten
         >>> patch_cos_abs(torch.tensor([[[9.0, 9.0], [1.0, 0.0], [-1.0, 0.0]]]), 1, (1, 2)).item()
         1.0
     """
-    _check(tokens, num_prefix, grid)
-    u, _ = _unit_patches(tokens, num_prefix)
-    u = u.to(compute_dtype(tokens))
+    v = token_view(tokens, num_prefix, grid)
+    u = v.unit_patches.to(compute_dtype(v.tokens))
     gram = u @ u.mT  # [B, G, G]
     gram.diagonal(dim1=-2, dim2=-1).zero_()
     g = u.shape[1]
     return gram.abs().sum(dim=-1).to(torch.float64).sum(dim=-1) / (g * (g - 1))
 
 
-def patch_cos(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+def patch_cos(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
     """Mean over ordered pairs ``i != j`` of ``cos(p_i, p_j)`` over the G patch tokens.
 
     O(G*C): with unit vectors u_i, ``sum_{i != j} u_i . u_j = ||sum_i u_i||^2 - sum_i ||u_i||^2``.
@@ -164,11 +118,9 @@ def patch_cos(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
         >>> patch_cos(torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]]), 0, (1, 2)).item()
         -1.0
     """
-    _check(tokens, num_prefix, grid)
-    u, sq = _unit_patches(tokens, num_prefix)
+    u = token_view(tokens, num_prefix, grid).unit_patches
     g = u.shape[1]
-    s = u.sum(dim=1)
-    return (s.square().sum(dim=-1) - sq.sum(dim=-1)) / (g * (g - 1))
+    return (u.sum(dim=1).square().sum(dim=-1) - u.square().sum(dim=(1, 2))) / (g * (g - 1))
 
 
 def _n13(m: Tensor) -> Tensor:
@@ -177,7 +129,7 @@ def _n13(m: Tensor) -> Tensor:
     return (a.sum(dim=1).amax(dim=-1) * a.sum(dim=2).amax(dim=-1)).sqrt()
 
 
-def rank_residual(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+def rank_residual(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
     """``n13(X - 1 xbar^T) / n13(X)``, xbar the mean over all N tokens (Dong et al. 2021).
 
     ``n13(M) = sqrt(||M||_1 * ||M||_inf)``: max absolute column sum times max absolute row sum.
@@ -194,12 +146,11 @@ def rank_residual(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Ten
         >>> rank_residual(torch.ones(2, 3, 4), 1, (1, 2)).tolist()
         [0.0, 0.0]
     """
-    _check(tokens, num_prefix, grid)
-    x = _f64(tokens)
-    return _n13(_hc(x)) / _n13(x)
+    v = token_view(tokens, num_prefix, grid)
+    return _n13(v.hc) / _n13(v.x)
 
 
-def feat_var(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+def feat_var(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
     """Unbiased variance over the h*w patch positions per channel, mean over channels.
 
     Args:
@@ -214,18 +165,17 @@ def feat_var(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
         >>> feat_var(torch.tensor([[[0.0], [2.0]]]), 0, (1, 2)).item()
         2.0
     """
-    _check(tokens, num_prefix, grid)
-    p = _f64(_patches(tokens, num_prefix))
-    return p.var(dim=1, correction=1).mean(dim=-1)
+    return token_view(tokens, num_prefix, grid).patches.var(dim=1, correction=1).mean(dim=-1)
 
 
-def dlogamp(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+def dlogamp(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
     """Relative log amplitude of the patch grid's 2-D Fourier transform (Park & Kim 2022).
 
     ``L = log(|fft2(grid)| + 1e-6)`` per channel over ``(h, w)``, mean over channels, rolled by
     ``(h//2, w//2)`` (``fftshift``), diagonal ``d[i] = L[i, i]`` for ``i = h//2 .. min(h, w)-1``,
     reported as ``d[i] - d[h//2]``. For square grids d starts at DC and ends at the highest
-    frequency; for non-square grids the diagonal is taken literally as in metrics.md.
+    frequency; for non-square grids the diagonal is taken literally as in metrics.md. Only the K
+    diagonal frequencies are computed (see :attr:`TokenView.dlogamp`).
 
     Args:
         tokens: ``[B, N, C]``.
@@ -239,22 +189,10 @@ def dlogamp(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
         >>> dlogamp(torch.randn(2, 17, 8), 1, (4, 4)).shape
         torch.Size([2, 2])
     """
-    _check(tokens, num_prefix, grid)
-    h, w = int(grid[0]), int(grid[1])
-    start, stop = h // 2, min(h, w)
-    if stop <= start:
-        raise VitspecError(
-            f"dlogamp needs min(h, w) > h // 2 for the grid diagonal, got grid ({h}, {w})"
-        )
-    z = torch.fft.fft2(_patch_grid(tokens, num_prefix, grid))  # [B, C, h, w]
-    log_amp = torch.log(z.abs() + 1e-6).mean(dim=1)  # [B, h, w]
-    log_amp = torch.roll(log_amp, shifts=(h // 2, w // 2), dims=(1, 2))
-    idx = torch.arange(start, stop, device=log_amp.device)
-    d = log_amp[:, idx, idx]
-    return d - d[:, :1]
+    return token_view(tokens, num_prefix, grid).dlogamp
 
 
-def dlogamp_hf(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+def dlogamp_hf(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
     """Last point of :func:`dlogamp`: the relative log amplitude at the highest frequency.
 
     Args:
@@ -269,10 +207,10 @@ def dlogamp_hf(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor
         >>> dlogamp_hf(torch.randn(3, 17, 8), 1, (4, 4)).shape
         torch.Size([3])
     """
-    return dlogamp(tokens, num_prefix, grid)[:, -1]
+    return token_view(tokens, num_prefix, grid).dlogamp[:, -1]
 
 
-def erank(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+def erank(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
     """Effective rank of HC[X] (Roy & Vetterli 2007): ``exp(-sum_k p_k log p_k)``, ``p = s/sum(s)``.
 
     Singular values from ``eigvalsh`` of the smaller Gram matrix of HC[X] in float64, negative
@@ -291,15 +229,12 @@ def erank(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
         ...             0, (2, 2)).item(), 6)
         2.0
     """
-    _check(tokens, num_prefix, grid)
-    hc = _hc(_f64(tokens))
-    gram = hc @ hc.mT if hc.shape[1] <= hc.shape[2] else hc.mT @ hc
-    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+    s = torch.linalg.eigvalsh(token_view(tokens, num_prefix, grid).hc_gram).clamp_min(0).sqrt()
     p = s / s.sum(dim=-1, keepdim=True)
     return torch.exp(-torch.special.xlogy(p, p).sum(dim=-1))
 
 
-def token_spectrum(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+def token_spectrum(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
     """DFT energy share over the token axis: ``E_k = sum_c |(F X)[k, c]|^2 / ||X||_F^2``.
 
     All N tokens, k = 0..N-1 (DC first); sums to 1 and ``1 - E_0 = hc_energy``.
@@ -316,10 +251,19 @@ def token_spectrum(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Te
         >>> token_spectrum(torch.ones(1, 4, 2), 0, (2, 2)).squeeze().tolist()
         [1.0, 0.0, 0.0, 0.0]
     """
-    _check(tokens, num_prefix, grid)
-    x = _f64(tokens)
-    n = x.shape[1]
-    z = torch.fft.rfft(x, dim=1, norm="ortho")  # k = 0..N//2; row N-k is the conjugate of row k
-    energy = (z.real.square() + z.imag.square()).sum(dim=-1)
-    energy = torch.cat([energy, energy[:, 1 : n - n // 2].flip(-1)], dim=1)
-    return energy / x.square().sum(dim=(1, 2))[:, None]
+    v = token_view(tokens, num_prefix, grid)
+    n = v.x.shape[1]
+    if v.hc_gram.shape[-1] == n:
+        # k >= 1 of F X equals k >= 1 of F HC[X], and sum_c |(F HC)[k, c]|^2 is the k-th diagonal
+        # entry of F K F^H for K = HC HC^T (already formed for erank): the DFT over d of the
+        # circulant diagonal sums c_d = sum_j K[j, (j - d) mod N], O(N^2) instead of a transform
+        # of every channel. Cancellation-free: K is built from centred tokens, in float64.
+        j = torch.arange(n, device=v.x.device)
+        idx = (j[:, None] - j[None, :]) % n  # idx[j, d] = (j - d) mod N
+        c = v.hc_gram.gather(-1, idx.expand(v.hc_gram.shape[0], n, n)).sum(dim=-2)
+        energy = torch.fft.fft(c).real / n
+    else:  # C < N: the Gram is C x C; transform the centred tokens directly
+        z = torch.fft.fft(v.hc, dim=1, norm="ortho")
+        energy = (z.real.square() + z.imag.square()).sum(dim=-1)
+    energy[:, 0] = v.dc_energy
+    return energy / v.energy[:, None]

@@ -37,6 +37,10 @@ class MetricSpec:
         source: the paper the definition follows, e.g. ``'Wang et al. 2022'``.
         needs_prev: True when ``fn`` needs the previous layer's attention (``prev`` must not be
             None), i.e. the metric exists only for layers l >= 2.
+        needs_nonnegative: True when ``fn`` is undefined for attention with negative entries
+            (``attn_entropy``). AttnScale's ``A' = J + (1 + w)(A - J)`` keeps rows summing to 1
+            but has negative entries where ``w > 0`` and ``A_ij < w / ((1 + w) N)``; the other
+            attention metrics are defined for any real matrix.
     """
 
     name: str
@@ -45,13 +49,15 @@ class MetricSpec:
     formula: str
     source: str
     needs_prev: bool = False
+    needs_nonnegative: bool = False
 
 
 _REGISTRY: dict[str, MetricSpec] = {}
 
 
 def register_metric(
-    name: str, kind: str, formula: str, source: str, *, needs_prev: bool = False
+    name: str, kind: str, formula: str, source: str, *, needs_prev: bool = False,
+    needs_nonnegative: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn`` under ``name``; returns ``fn`` unchanged.
 
@@ -70,7 +76,8 @@ def register_metric(
         old = _REGISTRY.get(name)
         if old is not None and old.fn is not fn:
             raise VitspecError(f"metric {name!r} is already registered (by {old.fn.__module__})")
-        _REGISTRY[name] = MetricSpec(name, kind, fn, formula, source, needs_prev)
+        _REGISTRY[name] = MetricSpec(name, kind, fn, formula, source, needs_prev,
+                                     needs_nonnegative)
         return fn
 
     return decorator
@@ -225,7 +232,6 @@ _BUILTIN = [
     ),
 ]
 for _name, _kind, _formula, _source, _fn in _BUILTIN:
-    register_metric(_name, _kind, _formula, _source, needs_prev=_name == "attn_cross_layer_sim")(
-        _fn
-    )
+    register_metric(_name, _kind, _formula, _source, needs_prev=_name == "attn_cross_layer_sim",
+                    needs_nonnegative=_name == "attn_entropy")(_fn)
 del _name, _kind, _formula, _source, _fn

@@ -43,6 +43,9 @@ def run_figures(result) -> dict[str, Figure]:
         fig.suptitle(_title(info, "token metrics vs layer"))
         figures["tokens"] = fig
     attn_names = list(dict.fromkeys(metrics.loc[metrics["site"] == "attn", "metric"]))
+    # AttnScale models: the pre-scale attention's pre_* panels after those of A' (the used one)
+    rank = {name: i for i, name in enumerate(attn_names)}
+    attn_names.sort(key=lambda n: (n.startswith("pre_"), rank.get(n.removeprefix("pre_"), 0)))
     if attn_names:
         fig, axes = _grid(len(attn_names))
         for ax, name in zip(axes, attn_names):
@@ -65,6 +68,8 @@ def run_figures(result) -> dict[str, Figure]:
             panels.append(("token_spectrum", site, None))
     if (spectra["curve"] == "attn_spectrum").any():
         panels.append(("attn_spectrum", "attn", -1))
+    if (spectra["curve"] == "pre_attn_spectrum").any():
+        panels.append(("pre_attn_spectrum", "attn", -1))
     if panels:
         fig, axes = _grid(len(panels), ncols=3, size=(4.4, 3.2))
         for ax, (curve, site, head) in zip(axes, panels):

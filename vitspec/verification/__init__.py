@@ -1,0 +1,214 @@
+"""``vitspec.verify``: check the low-pass theory of Wang et al. (ICLR 2022) on a model or on
+synthetic softmax matrices, in float64, and report per layer and head how tight each bound is.
+
+The package is ``vitspec.verification`` (not ``vitspec.verify``) so that the submodule never
+shadows the function ``vitspec.verify`` on the package.
+
+Example:
+    >>> import vitspec
+    >>> r = vitspec.verify("deit_small", random_init=True, num_images=2)  # doctest: +SKIP
+    >>> r.passed, r.failures  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import pandas as pd
+import timm
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import vitspec
+from vitspec.errors import VitspecError
+from vitspec.verification.result import CHECKS, VERIFY_COLUMNS, VerifyResult, summarise, table
+
+__all__ = ["CHECKS", "VERIFY_COLUMNS", "VerifyResult", "verify"]
+
+
+def verify(
+    model: str | nn.Module | None = None,
+    *,
+    synthetic: bool = False,
+    ckpt: str | Path | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    ema: bool = False,
+    strict: bool = True,
+    images: str | Path | Iterable | None = None,
+    num_images: int | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+    label: str | None = None,
+    max_steps: int = 512,
+    sizes: Sequence[int] | None = None,
+    progress: bool = False,
+    warn: Callable[[str], None] | None = None,
+    model_kwargs: dict | None = None,
+) -> VerifyResult:
+    """Run every check of docs/verify.md on a model's attention (streamed over images), or on the
+    synthetic suite (``synthetic=True``, no model).
+
+    Args:
+        model: a timm model name or alias, or an ``nn.Module`` used as is; None with
+            ``synthetic=True``.
+        synthetic: run the synthetic suite instead of a model.
+        ckpt, random_init, seed, ema, strict, model_kwargs: the weights, as in ``analyze``
+            (``seed`` also seeds the random test vectors).
+        images, num_images, batch_size, device: the inputs, as in ``analyze``.
+        label: run label (default: checkpoint file stem or ``random-init``).
+        max_steps: T, the most powers ``A^t`` lowpass_limit applies (it stops earlier once
+            ``r_t < 1e-12``).
+        sizes: token counts N of the synthetic suite (default 16, 64, 197, 577).
+        progress: tqdm bar on stderr.
+        warn: receives one-line warnings (default: stderr).
+
+    Returns:
+        A :class:`VerifyResult`: ``.table`` (verify.csv), ``.info`` (verify.json),
+        ``.passed``, ``.failures``.
+
+    Example:
+        >>> r = verify(synthetic=True, sizes=[16])  # doctest: +SKIP
+        >>> r.passed  # doctest: +SKIP
+        True
+    """
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise VitspecError(f"max_steps must be a whole number >= 1, got {max_steps!r}")
+    if synthetic and model is not None:
+        raise VitspecError("give a MODEL or --synthetic, not both (the synthetic suite needs no "
+                           "model)")
+    if not synthetic and model is None:
+        raise VitspecError("give a MODEL to verify, or --synthetic for the synthetic suite")
+    if sizes is not None and not synthetic:
+        raise VitspecError("--sizes applies to the synthetic suite only (use it with --synthetic)")
+    start = time.perf_counter()
+    if synthetic:
+        return _synthetic(sizes, max_steps, seed, start)
+    return _model(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema, strict=strict,
+                  images=images, num_images=num_images, batch_size=batch_size, device=device,
+                  label=label, max_steps=max_steps, progress=progress, warn=warn,
+                  model_kwargs=model_kwargs, start=start)
+
+
+def _versions() -> dict:
+    return {"vitspec": vitspec.__version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
+
+
+def _synthetic(sizes, max_steps: int, seed: int, start: float) -> VerifyResult:
+    from vitspec.verification import synthetic as syn
+
+    sizes = tuple(syn.SIZES if sizes is None else sizes)
+    bad = [s for s in sizes if isinstance(s, bool) or not isinstance(s, int) or s < 2]
+    if bad or not sizes:
+        raise VitspecError(f"synthetic sizes must be whole numbers >= 2, got {bad or sizes}")
+    tallies, points = syn.run_synthetic(sizes, max_steps=max_steps, seed=seed)
+    frames = [table(t, {"run": "synthetic", "model": f"synthetic-N{n}", "checkpoint": "none"},
+                    {}) for n, t in tallies.items()]
+    df = pd.concat(frames, ignore_index=True)
+    info = {
+        **_versions(),
+        "run": "synthetic",
+        "model": "synthetic",
+        "synthetic": {"sizes": list(sizes), "widths": list(syn.WIDTHS),
+                      "families": list(syn.FAMILIES), "samples": syn.SAMPLES,
+                      "product_depth": syn.PRODUCT_DEPTH, "product_paths": syn.PRODUCT_PATHS},
+        "seed": seed,
+        "max_steps": max_steps,
+        "tolerances": CHECKS,
+        "dtype": "float64",
+        "threads": torch.get_num_threads(),
+        "wall_time_s": round(time.perf_counter() - start, 3),
+        "command": " ".join(sys.argv),
+        "summary": summarise(df),
+    }
+    return VerifyResult(df, info, {"synthetic": pd.DataFrame(points)})
+
+
+def _model(model, *, ckpt, random_init, seed, ema, strict, images, num_images, batch_size, device,
+           label, max_steps, progress, warn, model_kwargs, start) -> VerifyResult:
+    from vitspec.adapters import get_adapter
+    from vitspec.analysis import _stderr_warn, _tensor_batches, load, resolve_device
+    from vitspec.capture import capture
+    from vitspec.inputs import eval_transform, iter_batches, open_images
+    from vitspec.verification.model import ModelVerifier
+
+    warn = warn or _stderr_warn
+    dev = resolve_device(device)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise VitspecError(f"--batch-size must be >= 1, got {batch_size!r}")
+    loaded = load(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema, strict=strict,
+                  model_kwargs=model_kwargs)
+    for line in loaded.provenance.get("warnings", []):
+        warn(line)
+    net = loaded.model.eval()
+    adapter = get_adapter(net, loaded.timm_name)
+    if images is None or isinstance(images, (str, Path)):
+        image_set = open_images(images, num_images)
+        batches = iter_batches(image_set, eval_transform(net), batch_size, warn=warn)
+        total = num_images if num_images is not None else len(image_set.paths)
+    else:
+        image_set, batches, total = None, _tensor_batches(images, num_images), num_images
+    net.to(dev)
+    verifier = ModelVerifier(adapter, net, dev, max_steps=max_steps, seed=seed)
+    bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, leave=False)
+    used = 0
+    with torch.inference_mode(), capture(
+        adapter, sites=("embed", "block"), on_tokens=verifier.on_tokens,
+        on_attention=verifier.on_attention, on_attn_branch=verifier.on_attn_branch,
+    ):
+        for batch in batches:
+            verifier.start_batch()
+            net(batch.to(dev, non_blocking=True))
+            bar.update(batch.shape[0])
+            used += batch.shape[0]
+    bar.close()
+    if not verifier.tallies:
+        raise VitspecError(f"no attention matrix was captured from {loaded.name}: its blocks "
+                           "expose no post-softmax attention (attn.attn_drop)")
+    label = label or (Path(loaded.checkpoint).stem if loaded.checkpoint != "random-init"
+                      else "random-init")
+    ids = {"run": f"{loaded.name}-{label}", "model": loaded.name, "checkpoint": loaded.checkpoint}
+    df = table(verifier.tallies, ids, verifier.not_applicable())
+    wall = time.perf_counter() - start
+    info = {
+        **_versions(),
+        "run": ids["run"],
+        "model": loaded.name,
+        "timm_name": loaded.timm_name,
+        "checkpoint": loaded.checkpoint,
+        "weights": loaded.provenance,
+        "random_init": loaded.checkpoint == "random-init",
+        "family": adapter.family,
+        "depth": adapter.depth,
+        "num_heads": verifier.num_heads,
+        "tokens": verifier.n_tokens,
+        "images": {"source": image_set.source if image_set else "tensors",
+                   "requested": num_images, "used": used,
+                   "skipped": image_set.skipped if image_set else [],
+                   "files": image_set.used if image_set else []},
+        "seed": seed,
+        "max_steps": max_steps,
+        "tolerances": CHECKS,
+        "consistency": {
+            "attn_hc_gain_max_rel_diff": verifier.gain_diff,
+            "note": "largest relative difference between analyze's attn_hc_gain (Lanczos, "
+                    "float32) and the exact float64 s_a used by every bound here",
+        },
+        "residual_rate": verifier.residual_note(),
+        "device": str(dev),
+        "dtype": "float32 forward, float64 checks",
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
+        "wall_time_s": round(wall, 3),
+        "images_per_s": round(used / wall, 3) if wall > 0 else None,
+        "command": " ".join(sys.argv),
+        "summary": summarise(df),
+    }
+    data = {k: pd.DataFrame(v) for k, v in verifier.figure_data().items()}
+    return VerifyResult(df, info, data)

@@ -1,0 +1,483 @@
+"""The checks of ``vitspec verify``: pure float64 torch functions on attention matrices and tokens.
+
+Every statement is checked as ``lhs <= rhs`` (inequalities) or ``|error| <= allowed`` (identities)
+on batches of matrices ``[..., N, N]``; each check returns an :class:`Outcome` per case: the slack
+(``lhs / rhs`` for inequalities, ``error / allowed`` for identities and the premise) and whether the
+case violates the statement beyond its tolerance.
+
+Tolerances (see docs/verify.md):
+
+- The premise (``row_stochastic``) and ``dc_passthrough`` are checked on the float32 matrices the
+  model produced, with absolute tolerance :data:`PREMISE_TOL` = 1e-5 on ``A 1 - 1``.
+- Everything else runs on ``Â = A / (A 1)`` in float64 (:func:`renormalise`), the matrix the
+  premise certified, moved the rest of the way onto the premise so that the identities hold to
+  float64 round-off. Inequalities pass when ``lhs <= (1 + RTOL) rhs + E`` with :data:`RTOL` =
+  1e-9 and ``E`` a first-order float64 round-off bound of the quantities involved,
+  ``E = 4 gamma_n (sum of the norms that enter the computation)``, ``gamma_n = n u / (1 - n u)``,
+  ``u = 2^-53`` (Higham, Accuracy and Stability of Numerical Algorithms, Sec. 3.1). ``E`` only
+  matters where ``rhs`` is itself at round-off level (e.g. uniform attention, ``s_a = 0``).
+
+``s_a`` is always the exact float64 SVD value (:func:`hc_gain`), never an estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vitspec.functional import double_centre, top_singular_value_exact
+
+__all__ = [
+    "ATTNSCALE_W",
+    "PREMISE_TOL",
+    "RECON_TOL",
+    "RTOL",
+    "STOP_RATIO",
+    "Outcome",
+    "Trajectory",
+    "attnscale",
+    "check_attnscale_gain",
+    "check_dc_passthrough",
+    "check_hc_contraction",
+    "check_logit_bound",
+    "check_msa_bound",
+    "check_row_stochastic",
+    "gamma",
+    "hc_gain",
+    "hc_norm",
+    "head_weight_norms",
+    "logit_bound",
+    "logit_half_width",
+    "lowpass",
+    "renormalise",
+]
+
+PREMISE_TOL = 1e-5  # |A 1 - 1| on the model's float32 attention (the theorem's premise)
+RTOL = 1e-9  # relative tolerance of every float64 inequality and identity
+RECON_TOL = 1e-4  # float64 reconstruction of the attention branch vs the float32 module output
+STOP_RATIO = 1e-12  # lowpass_limit stops a trajectory once r_t falls below this
+ATTNSCALE_W = (-0.5, 0.5, 1.0, 2.0)
+_U = 2.0**-53  # unit round-off of float64
+
+
+@dataclass
+class Outcome:
+    """Per-case result of one check.
+
+    Attributes:
+        slack: ``[...]`` float64, observed / bound (``lhs / rhs``; for identities the error over
+            the allowed error); 0 where the observed value is within round-off of 0.
+        violated: ``[...]`` bool, the statement fails beyond its tolerance.
+    """
+
+    slack: Tensor
+    violated: Tensor
+
+
+def gamma(n: int) -> float:
+    """``n u / (1 - n u)``: the relative round-off of an n-term float64 sum.
+
+    Example:
+        >>> gamma(197) < 3e-14
+        True
+    """
+    return n * _U / (1 - n * _U)
+
+
+def _ratio(lhs: Tensor, rhs: Tensor, floor: Tensor | float) -> Tensor:
+    """``lhs / rhs``, 0 where ``lhs`` is within ``floor`` of 0 (both at round-off level)."""
+    ratio = lhs / rhs
+    return torch.where(lhs <= floor, torch.zeros_like(ratio), ratio)
+
+
+def _inequality(lhs: Tensor, rhs: Tensor, err: Tensor | float, rtol: float = RTOL) -> Outcome:
+    rhs = torch.nan_to_num(rhs, nan=math.inf)
+    violated = ~(lhs <= (1 + rtol) * rhs + err)  # NaN lhs counts as a violation
+    return Outcome(_ratio(lhs, rhs, err), violated)
+
+
+def renormalise(attn: Tensor) -> Tensor:
+    """``Â = A / (A 1)`` in float64: rows summing to 1 to float64 round-off.
+
+    Example:
+        >>> renormalise(torch.ones(1, 2, 2)).tolist()
+        [[[0.5, 0.5], [0.5, 0.5]]]
+    """
+    a = attn.to(torch.float64)
+    return a / a.sum(dim=-1, keepdim=True)
+
+
+def hc_norm(x: Tensor) -> Tensor:
+    """``||HC[x]||`` over the token axis -2, one value per column: ``[..., N, k] -> [..., k]``.
+
+    Example:
+        >>> hc_norm(torch.tensor([[1.0], [3.0]], dtype=torch.float64)).tolist()
+        [1.4142135623730951]
+    """
+    return (x - x.mean(dim=-2, keepdim=True)).norm(dim=-2)
+
+
+def _dc_norm(x: Tensor) -> Tensor:
+    return x.mean(dim=-2).abs() * math.sqrt(x.shape[-2])
+
+
+def _fro(x: Tensor) -> Tensor:
+    return torch.linalg.matrix_norm(x)
+
+
+def hc_gain(a_hat: Tensor) -> Tensor:
+    """``s_a = ||(I - J) Â (I - J)||_2`` by float64 SVD: ``[..., N, N] -> [...]``.
+
+    Example:
+        >>> hc_gain(torch.eye(4, dtype=torch.float64)).item()
+        1.0
+    """
+    return top_singular_value_exact(double_centre(a_hat.to(torch.float64)))
+
+
+def check_row_stochastic(attn: Tensor, tol: float = PREMISE_TOL) -> Outcome:
+    """The premise: ``A >= 0`` and ``max_i |(A 1)_i - 1| <= tol`` on the model's matrix.
+
+    The slack is ``max(row-sum defect, largest negative entry's magnitude) / tol``; NaN or Inf
+    entries violate.
+
+    Example:
+        >>> check_row_stochastic(torch.full((1, 3, 3), 0.5)).violated.tolist()
+        [True]
+    """
+    a = attn.to(torch.float64)
+    defect = (a.sum(dim=-1) - 1).abs().amax(dim=-1)
+    negative = (-a).amax(dim=(-2, -1)).clamp_min(0)
+    slack = torch.maximum(defect, negative) / tol
+    violated = ~(slack <= 1) | ~torch.isfinite(a).all(dim=-1).all(dim=-1)
+    return Outcome(slack, violated)
+
+
+def check_dc_passthrough(attn: Tensor, c: Tensor, tol: float = PREMISE_TOL) -> Outcome:
+    """``A (c 1) = c 1`` and ``S[0, 0] = 1`` for ``S = F A F^H``, on the model's matrix.
+
+    ``S[0, 0]`` is computed with an FFT over the query axis (the first row of ``F A``) and the
+    inner product with the first column of ``F^H``. The error is
+    ``max(max_i |(A c 1)_i - c| / |c|, |S[0, 0] - 1|)``, allowed ``tol``.
+
+    Args:
+        attn: ``[..., N, N]``.
+        c: ``[...]`` nonzero constants, one per matrix.
+
+    Example:
+        >>> a = torch.full((1, 4, 4), 0.25)
+        >>> check_dc_passthrough(a, torch.tensor([3.0])).violated.tolist()
+        [False]
+    """
+    a = attn.to(torch.float64)
+    c = c.to(torch.float64)
+    n = a.shape[-1]
+    out = a @ (c[..., None, None] * torch.ones(n, 1, dtype=a.dtype, device=a.device))
+    e1 = (out[..., 0] - c[..., None]).abs().amax(dim=-1) / c.abs()
+    fa = torch.fft.fft(a, dim=-2, norm="ortho")  # F A
+    s00 = fa[..., 0, :].sum(dim=-1) / math.sqrt(n)  # (F A F^H)[0, 0]
+    e2 = (s00 - 1).abs()
+    slack = torch.maximum(e1, e2) / tol
+    return Outcome(slack, ~(slack <= 1))
+
+
+def check_hc_contraction(a_hat: Tensor, z: Tensor, s_a: Tensor, rtol: float = RTOL) -> Outcome:
+    """``||HC[Â Z]||_F <= s_a ||HC[Z]||_F`` (Wang et al., Thm. 3; exact for row-stochastic Â).
+
+    Args:
+        a_hat: ``[..., N, N]`` renormalised attention.
+        z: ``[..., N, k]`` inputs.
+        s_a: ``[...]`` exact HC gains of ``a_hat``.
+
+    Returns:
+        One case per matrix (Frobenius norms over the k columns).
+
+    Example:
+        >>> a = torch.full((1, 4, 4), 0.25, dtype=torch.float64)
+        >>> check_hc_contraction(a, torch.randn(1, 4, 2, dtype=torch.float64),
+        ...                      hc_gain(a)).violated.tolist()
+        [False]
+    """
+    az = a_hat @ z
+    lhs = hc_norm(az).norm(dim=-1)
+    rhs = s_a * hc_norm(z).norm(dim=-1)
+    err = 4 * gamma(a_hat.shape[-1]) * (_fro(a_hat) * _fro(z) + _fro(az))
+    return _inequality(lhs, rhs, err, rtol)
+
+
+class Trajectory:
+    """``w_t = M_t ... M_1 z`` column by column, with ``||HC[w_t]||`` checked against its bound.
+
+    The bound is ``prod_k s_k ||HC[z]||`` (``s_k`` the exact HC gain of ``M_k``), with the running
+    float64 round-off allowance ``E_t = s_t E_(t-1) + 4 gamma_N (||M_t||_F ||w_(t-1)|| + ||w_t||)``.
+    ``r_t = ||HC[w_t]|| / ||DC[w_t]||`` is the ratio of Theorem 1.
+
+    Args:
+        z: ``[..., N, k]`` start vectors (k columns are k separate trajectories).
+
+    Example:
+        >>> a = torch.full((1, 4, 4), 0.25, dtype=torch.float64)
+        >>> tr = Trajectory(torch.randn(1, 4, 2, dtype=torch.float64))
+        >>> r, bound, out = tr.step(a, hc_gain(a))
+        >>> bool((r < 1e-12).all()), out.violated.tolist()
+        (True, [[False, False]])
+    """
+
+    def __init__(self, z: Tensor):
+        self.w = z.to(torch.float64)
+        self.gamma = gamma(z.shape[-2])
+        self.hc0 = hc_norm(self.w)
+        self.gain = torch.ones_like(self.hc0)
+        self.err = 4 * self.gamma * self.w.norm(dim=-2)
+
+    def keep(self, mask: Tensor) -> None:
+        """Keep only the leading-dimension entries where ``mask`` is True."""
+        self.w, self.hc0, self.gain, self.err = (
+            t[mask] for t in (self.w, self.hc0, self.gain, self.err))
+
+    def step(self, m: Tensor, s: Tensor, rtol: float = RTOL) -> tuple[Tensor, Tensor, Outcome]:
+        """Apply ``m`` (``[..., N, N]``, gain ``s`` ``[...]``); return ``r_t``, its bound and the
+        outcome, each ``[..., k]``."""
+        w_prev = self.w
+        self.w = m @ w_prev
+        s = s[..., None]
+        self.gain = self.gain * s
+        self.err = s * self.err + 4 * self.gamma * (
+            _fro(m)[..., None] * w_prev.norm(dim=-2) + self.w.norm(dim=-2))
+        lhs = hc_norm(self.w)
+        dc = _dc_norm(self.w)
+        rhs = self.gain * self.hc0
+        out = _inequality(lhs, rhs, self.err, rtol)
+        return lhs / dc, torch.nan_to_num(rhs, nan=math.inf) / dc, out
+
+
+@dataclass
+class LowpassResult:
+    """Per-trajectory results of :func:`lowpass` (``[..., k]``) and the curves (``[..., k, T]``).
+
+    Attributes:
+        outcome: slack = max over t of ``r_t / bound_t``; violated if any t violates.
+        r: ``r_t`` for t = 1..T (NaN after the trajectory stopped).
+        bound: ``s_a^t ||HC[z]|| / ||DC[A^t z]||`` (NaN after the stop).
+        steps: steps taken (the first t with ``r_t < STOP_RATIO``, else T).
+        rate: fitted per-step decay rate ``exp(slope of log r_t)`` over the second half of the
+            steps taken (NaN for fewer than 2 steps in that half).
+    """
+
+    outcome: Outcome
+    r: Tensor
+    bound: Tensor
+    steps: Tensor
+    rate: Tensor
+
+
+def lowpass(a_hat: Tensor, z: Tensor, s_a: Tensor, max_steps: int = 512,
+            stop: float = STOP_RATIO, rtol: float = RTOL) -> LowpassResult:
+    """Theorem 1: ``r_t = ||HC[Â^t z]|| / ||DC[Â^t z]||`` for t = 1..T, checked at every t.
+
+    Matrices whose trajectories have all stopped are dropped from the loop, so one slowly mixing
+    head does not make every other matrix run to T.
+
+    Args:
+        a_hat: ``[..., N, N]`` renormalised attention.
+        z: ``[..., N, k]`` start vectors.
+        s_a: ``[...]`` exact HC gains.
+        max_steps: T.
+        stop: a trajectory stops once ``r_t < stop``; all stop -> the loop ends.
+
+    Example:
+        >>> a = renormalise(torch.rand(2, 8, 8) + 1)
+        >>> res = lowpass(a, torch.randn(2, 8, 3, dtype=torch.float64), hc_gain(a))
+        >>> bool(res.outcome.violated.any()), bool((res.steps < 512).all())
+        (False, True)
+    """
+    lead, n, k = a_hat.shape[:-2], a_hat.shape[-1], z.shape[-1]
+    a = a_hat.reshape(-1, n, n)
+    s = s_a.reshape(-1)
+    m = a.shape[0]
+    dev = a.device
+    tr = Trajectory(z.reshape(m, n, k))
+    idx = torch.arange(m, device=dev)
+    active = torch.ones(m, k, dtype=torch.bool, device=dev)
+    slack = torch.zeros(m, k, dtype=torch.float64, device=dev)
+    violated = torch.zeros_like(active)
+    steps = torch.zeros(m, k, dtype=torch.long, device=dev)
+    r_all = torch.full((m, k, max_steps), math.nan, dtype=torch.float64, device=dev)
+    b_all = torch.full_like(r_all, math.nan)
+    sub_a, sub_s = a, s
+    taken = 0
+    for t in range(max_steps):
+        r, bound, out = tr.step(sub_a, sub_s, rtol)
+        act = active[idx]
+        r_all[idx, :, t] = torch.where(act, r, math.nan)
+        b_all[idx, :, t] = torch.where(act, bound, math.nan)
+        slack[idx] = torch.where(act, torch.maximum(slack[idx], out.slack), slack[idx])
+        violated[idx] |= act & out.violated
+        steps[idx] += act.long()
+        act = act & ~(r < stop)
+        active[idx] = act
+        taken = t + 1
+        keep = act.any(dim=-1)
+        if not bool(keep.any()):
+            break
+        if not bool(keep.all()):
+            idx = idx[keep]
+            tr.keep(keep)
+            sub_a, sub_s = a[idx], s[idx]
+    r_all, b_all = r_all[..., :taken], b_all[..., :taken]
+
+    def shaped(x: Tensor) -> Tensor:
+        return x.reshape(*lead, *x.shape[1:])
+
+    return LowpassResult(Outcome(shaped(slack), shaped(violated)), shaped(r_all), shaped(b_all),
+                         shaped(steps), shaped(_fit_rate(r_all, steps)))
+
+
+def _fit_rate(r: Tensor, steps: Tensor) -> Tensor:
+    """Least-squares slope of log r_t on t over t in (steps/2, steps], as a per-step factor."""
+    t = torch.arange(1, r.shape[-1] + 1, dtype=torch.float64, device=r.device)
+    use = (t > steps[..., None] / 2) & (t <= steps[..., None]) & (r > 0)
+    logr = torch.where(use, r.clamp_min(1e-300).log(), torch.zeros_like(r))
+    n = use.sum(dim=-1).to(torch.float64)
+    tm = torch.where(use, t, 0).sum(dim=-1) / n
+    lm = logr.sum(dim=-1) / n
+    dt = torch.where(use, t - tm[..., None], 0)
+    slope = (dt * (logr - lm[..., None])).sum(dim=-1) / (dt * dt).sum(dim=-1)
+    return torch.where(n >= 2, slope.exp(), torch.full_like(slope, math.nan))
+
+
+def logit_half_width(a_hat: Tensor) -> Tensor:
+    """``a = max_i (max_j log Â_ij - min_j log Â_ij) / 2``: the largest half-width of a row's
+    logit range (softmax is shift-invariant, so ``log Â`` is the logits up to a row constant).
+    ``inf`` when an entry is 0 (the logits are unbounded).
+
+    Example:
+        >>> p = torch.tensor([[0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+        >>> logit_half_width(p.softmax(-1)).item()
+        1.0
+    """
+    la = a_hat.to(torch.float64).log()
+    return ((la.amax(dim=-1) - la.amin(dim=-1)) / 2).amax(dim=-1)
+
+
+def logit_bound(n: int, a: Tensor) -> Tensor:
+    """``sqrt(N e^{2a} / (e^{2a} + N - 1))``, evaluated stably as ``sqrt(N / (1 + (N-1) e^{-2a}))``.
+
+    1 at ``a = 0``, ``sqrt(N)`` as ``a -> inf``.
+
+    Example:
+        >>> logit_bound(16, torch.tensor([0.0, float("inf")], dtype=torch.float64)).tolist()
+        [1.0, 4.0]
+    """
+    a = a.to(torch.float64)
+    return torch.sqrt(n / (1 + (n - 1) * torch.exp(-2 * a)))
+
+
+def check_logit_bound(a_hat: Tensor, s_a: Tensor,
+                      rtol: float = RTOL) -> tuple[Outcome, Tensor, Tensor, Tensor]:
+    """``s_a <= ||Â||_2 <= logit_bound(N, a)`` with ``a`` from :func:`logit_half_width`.
+
+    The second inequality holds because every entry of a softmax row whose logit range is ``2a``
+    is at most ``e^{2a} / (e^{2a} + N - 1)``, so the column sums (``||Â||_1``) are at most N
+    times that, while ``||Â||_inf = 1``; and ``||Â||_2^2 <= ||Â||_1 ||Â||_inf``. It needs ``a``
+    to bound every row: the mean or a single row's half-width does not give a bound.
+
+    Returns:
+        ``(outcome, norm, bound, a)``: slack ``||Â||_2 / bound``; violated if either inequality
+        fails; ``norm`` = ``||Â||_2`` (float64 SVD), each ``[...]``.
+    """
+    norm = torch.linalg.svdvals(a_hat.to(torch.float64))[..., 0]
+    a = logit_half_width(a_hat)
+    bound = logit_bound(a_hat.shape[-1], a)
+    err = 4 * gamma(a_hat.shape[-1]) * _fro(a_hat)
+    inner = _inequality(s_a, norm, err, rtol)
+    outer = _inequality(norm, bound, err, rtol)
+    return Outcome(outer.slack, inner.violated | outer.violated), norm, bound, a
+
+
+def head_weight_norms(w_v: Tensor, w_o: Tensor) -> Tensor:
+    """``||W_V^h W_O^h||_2`` per head from the QR factors (``W_V = Q_v R_v``, ``W_O^T = Q_o R_o``,
+    so ``W_V W_O = Q_v R_v R_o^T Q_o^T`` and the norm is that of the small ``R_v R_o^T``).
+
+    Args:
+        w_v: ``[H, C, d]`` (``Y @ w_v[h]`` is head h's values).
+        w_o: ``[H, d, C']`` (head h's rows of the output projection, as ``O_h @ w_o[h]``).
+
+    Returns:
+        ``[H]`` float64.
+    """
+    r_v = torch.linalg.qr(w_v.to(torch.float64), mode="r").R
+    r_o = torch.linalg.qr(w_o.to(torch.float64).mT, mode="r").R
+    return torch.linalg.svdvals(r_v @ r_o.mT)[..., 0]
+
+
+@dataclass
+class MsaResult:
+    """Per-image msa_bound quantities ``[B]``: the branch and residual outcomes, the measured HC
+    gain ``||HC[MSA(Y)]|| / ||HC[Y]||``, the bound ``sum_h s_a^h ||W_V^h W_O^h||_2`` and the
+    residual rate ``||HC[X + MSA(Y)]|| / ||HC[X]||``, its bound, and ``||HC[Y]|| / ||HC[X]||``."""
+
+    branch: Outcome
+    residual: Outcome
+    gain: Tensor
+    bound: Tensor
+    rate: Tensor
+    rate_bound: Tensor
+    y_over_x: Tensor
+
+
+def check_msa_bound(x: Tensor, y: Tensor, msa: Tensor, s_a: Tensor, head_norms: Tensor,
+                    err_scale: Tensor, rtol: float = RTOL) -> MsaResult:
+    """``||HC[MSA(Y)]||_F <= sum_h s_a^h ||W_V^h W_O^h||_2 ||HC[Y]||_F`` and the residual form
+    ``||HC[X + MSA(Y)]||_F <= ||HC[X]||_F + (that bound)``.
+
+    Args:
+        x: ``[B, N, C]`` block input; ``y``: ``[B, N, C']`` attention input (``norm1(x)``).
+        msa: ``[B, N, C]`` the attention branch (biases add only DC and may be left out).
+        s_a: ``[B, H]`` exact HC gains; ``head_norms``: ``[H]``.
+        err_scale: ``[B]`` sum of the norms entering ``msa`` (for the round-off allowance).
+    """
+    x, y, msa = (t.to(torch.float64) for t in (x, y, msa))
+    k = max(x.shape[-2], x.shape[-1], y.shape[-1])
+    err = 4 * gamma(k) * err_scale
+    hc_y = _fro(y - y.mean(dim=-2, keepdim=True))
+    hc_x = _fro(x - x.mean(dim=-2, keepdim=True))
+    hc_msa = _fro(msa - msa.mean(dim=-2, keepdim=True))
+    res = x + msa
+    hc_res = _fro(res - res.mean(dim=-2, keepdim=True))
+    bound = (s_a * head_norms).sum(dim=-1)
+    branch = _inequality(hc_msa, bound * hc_y, err, rtol)
+    err_res = err + 4 * gamma(k) * (_fro(x) + _fro(res))
+    residual = _inequality(hc_res, hc_x + bound * hc_y, err_res, rtol)
+    return MsaResult(branch, residual, hc_msa / hc_y, bound, hc_res / hc_x,
+                     (hc_x + bound * hc_y) / hc_x, hc_y / hc_x)
+
+
+def attnscale(a_hat: Tensor, w: float) -> Tensor:
+    """AttnScale (Wang et al. 2022): ``A' = J + (1 + w) (Â - J)``.
+
+    Example:
+        >>> a = torch.eye(2, dtype=torch.float64)
+        >>> attnscale(a, 1.0).tolist()
+        [[1.5, -0.5], [-0.5, 1.5]]
+    """
+    n = a_hat.shape[-1]
+    return 1.0 / n + (1 + w) * (a_hat - 1.0 / n)
+
+
+def check_attnscale_gain(a_hat: Tensor, s_a: Tensor, norm: Tensor, w: float,
+                         rtol: float = RTOL) -> Outcome:
+    """``||(I-J) A' (I-J)||_2 = (1 + w) s_a`` (float64 SVD of ``A'``) and ``A' 1 = 1``.
+
+    The error is ``max(|s' - (1 + w) s_a| / ((1 + |w|) ||Â||_2), max_i |(A' 1)_i - 1|)``, allowed
+    ``rtol`` (round-off in forming A' is relative to its size, hence the normalisation).
+    """
+    a2 = attnscale(a_hat, w)
+    s2 = hc_gain(a2)
+    e1 = (s2 - (1 + w) * s_a).abs() / ((1 + abs(w)) * norm)
+    e2 = (a2.sum(dim=-1) - 1).abs().amax(dim=-1)
+    slack = torch.maximum(e1, e2) / rtol
+    return Outcome(slack, ~(slack <= 1))

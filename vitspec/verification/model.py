@@ -1,0 +1,414 @@
+"""Streaming the checks over a model's real attention, block inputs and attention branches.
+
+A :class:`ModelVerifier` is the consumer the capture hooks call. For block ``l`` it holds the
+block input ``X_l``, the attention input ``Y_l``, the attention ``A_l`` and the branch output
+until the block returns, runs every check on them in float64, folds the outcomes into
+fixed-size :class:`~vitspec.verification.result.Tallies` and small figure summaries, and drops the
+tensors. Only the product paths (``[B, paths, N, k]``) live from one layer to the next, within a
+batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vitspec.adapters import Adapter
+from vitspec.functional import attn_hc_gain
+from vitspec.verification import checks as ck
+from vitspec.verification.result import PREMISE, Tallies
+
+RANDOM_PATHS = 8  # head paths with random head choices (Dong et al. 2021)
+REAL_COLS = 4  # real start vectors per trajectory set: random combinations of the real inputs
+RANDOM_COLS = 4  # Gaussian start vectors
+CURVE_LAYERS = 4  # layers whose r_t curves are kept for figure (a)
+
+
+@dataclass
+class BranchWeights:
+    """One block's attention branch in float64: ``MSA(Y) = sum_h A_h (Y w_v[h] + b_v[h]) w_o[h]
+    + b_o``, LayerScale folded into ``w_o`` and ``b_o``."""
+
+    w_v: Tensor  # [H, C, d]
+    b_v: Tensor | None  # [H, d]
+    w_o: Tensor | None  # [H, d, C]
+    b_o: Tensor | None  # [C]
+    head_norms: Tensor | None  # [H]  ||W_V^h W_O^h||_2
+    msa_reason: str | None  # why msa_bound is not applicable (None: applicable)
+
+
+def branch_weights(block: nn.Module, device: torch.device) -> tuple[BranchWeights | None, str]:
+    """Per-head value and output projections of a timm ``Attention`` (qkv layout ``[3, H, d]``
+    along the output dimension); ``(None, reason)`` for other layouts."""
+    attn = getattr(block, "attn", None)
+    qkv, proj = getattr(attn, "qkv", None), getattr(attn, "proj", None)
+    heads = getattr(attn, "num_heads", None)
+    if not isinstance(qkv, nn.Linear) or not isinstance(proj, nn.Linear) or not heads:
+        return None, ("the attention module has no qkv / proj linear layers and num_heads "
+                      "(not timm's Attention layout)")
+    if qkv.out_features % (3 * heads) or proj.in_features * 3 != qkv.out_features:
+        return None, (f"qkv has {qkv.out_features} outputs, not 3 x heads x head_dim with "
+                      f"proj taking {proj.in_features}")
+    d = qkv.out_features // (3 * heads)
+    c_in = qkv.in_features
+    w = qkv.weight.detach().to(device, torch.float64)
+    w_v = w[2 * heads * d:].reshape(heads, d, c_in).transpose(1, 2).contiguous()
+    b_v = None
+    if qkv.bias is not None:
+        b_v = qkv.bias.detach().to(device, torch.float64)[2 * heads * d:].reshape(heads, d)
+    reason = None
+    norm = getattr(attn, "norm", None)
+    if norm is not None and not isinstance(norm, nn.Identity):
+        reason = (f"attn.norm is {type(norm).__name__} (scale_norm): it acts between the heads "
+                  "and proj, so the branch is not sum_h A_h Y W_V^h W_O^h")
+    elif getattr(attn, "gate", None) is not None:
+        reason = "gated attention: an input-dependent gate multiplies the heads before proj"
+    gamma = None
+    ls = getattr(block, "ls1", None)
+    if ls is not None and not isinstance(ls, nn.Identity):
+        gamma = getattr(ls, "gamma", None)
+        if gamma is None:
+            reason = reason or f"ls1 is {type(ls).__name__}, not timm's LayerScale"
+    elif isinstance(getattr(block, "gamma_1", None), Tensor):  # CaiT's LayerScaleBlock
+        gamma = block.gamma_1
+    w_o = proj.weight.detach().to(device, torch.float64).T.reshape(heads, d, -1)
+    b_o = None if proj.bias is None else proj.bias.detach().to(device, torch.float64)
+    if gamma is not None:
+        g = gamma.detach().to(device, torch.float64)
+        w_o = w_o * g
+        b_o = None if b_o is None else b_o * g
+    norms = ck.head_weight_norms(w_v, w_o)
+    return BranchWeights(w_v, b_v, w_o, b_o, norms, reason), ""
+
+
+class ModelVerifier:
+    """Per-(check, layer, head) tallies and figure summaries for one model run.
+
+    Args:
+        adapter: the model's adapter.
+        model: the model (for its attention weights).
+        device: where the float64 checks run (the forward pass's device).
+        max_steps: T of lowpass_limit.
+        seed: seeds the random start vectors, constants and head paths.
+    """
+
+    def __init__(self, adapter: Adapter, model: nn.Module, device: torch.device,
+                 max_steps: int = 512, seed: int = 0):
+        self.adapter = adapter
+        self.device = device
+        self.max_steps = max_steps
+        self.seed = seed
+        self.depth = adapter.depth
+        self.tallies = Tallies()
+        self.na: dict[tuple, str] = {}
+        self.weights: dict[int, BranchWeights | None] = {}
+        self.weight_reasons: dict[int, str] = {}
+        for layer, block in enumerate(adapter.blocks, start=1):
+            self.weights[layer], self.weight_reasons[layer] = branch_weights(block, device)
+        self.premise_failed: dict[int, str] = {}
+        self.num_heads = 0
+        self.n_tokens = 0
+        self.batch = 0
+        self.images = 0
+        self.gain_diff = 0.0  # max relative |attn_hc_gain - exact s_a|
+        self.missing: dict[int, set] = {}
+        self.curve_layers = sorted({max(1, round(i * self.depth / CURVE_LAYERS))
+                                    for i in range(1, CURVE_LAYERS + 1)} | {1})[-CURVE_LAYERS:]
+        self._sums: dict[str, Tensor] = {}
+        self._held: dict[str, Tensor] = {}
+        self._paths: ck.Trajectory | None = None
+        self._path_heads: Tensor | None = None
+
+    # ---- capture callbacks -------------------------------------------------------------------
+    def start_batch(self) -> None:
+        self._held.clear()
+        self._paths = None
+        self._gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batch)
+        self.batch += 1
+
+    def on_tokens(self, site: str, layer: int, tokens: Tensor) -> None:
+        if site == "block":
+            self._process(layer)
+        self._held["x"] = tokens  # the next block's input
+
+    def on_attention(self, layer: int, attn: Tensor) -> None:
+        self._held["attn"] = attn
+
+    def on_attn_branch(self, part: str, layer: int, tensor: Tensor) -> None:
+        self._held[part] = tensor
+
+    # ---- the checks on one block -------------------------------------------------------------
+    def _randn(self, *shape: int) -> Tensor:
+        return torch.randn(*shape, generator=self._gen, dtype=torch.float64).to(self.device)
+
+    def _process(self, layer: int) -> None:
+        held, self._held = self._held, {}
+        attn = held.get("attn")
+        if attn is None:
+            return
+        for part in ("x", "input", "output"):
+            if part not in held:
+                self.missing.setdefault(layer, set()).add(part)
+        b, heads, n, _ = attn.shape
+        self.num_heads, self.n_tokens = heads, n
+        if layer == 1:
+            self.images += b
+        attn = attn.to(self.device)
+        premise = ck.check_row_stochastic(attn)
+        for h in range(heads):
+            self.tallies.add(PREMISE, layer, h, _take(premise, h))
+        if bool(premise.violated.any()):
+            count = int(premise.violated.sum())
+            self.premise_failed.setdefault(layer, (
+                f"row_stochastic fails at layer {layer} ({count} of {b * heads} matrices in "
+                f"batch {self.batch}, max |A1 - 1| or negative entry {premise.slack.max():.3g} "
+                f"x {ck.PREMISE_TOL:g}): the theorem's premise does not hold"))
+            self._paths = None
+            return
+        x = held.get("x")
+        y = held.get("input")
+        w = self.weights[layer]
+        a_hat = ck.renormalise(attn)
+        s_a = ck.hc_gain(a_hat)  # [B, H]
+        fast = attn_hc_gain(attn)
+        self.gain_diff = max(self.gain_diff, float(((fast - s_a).abs() / s_a.clamp_min(1e-300))
+                                                   .max()))
+
+        c = (self._randn(b, heads).sign() * (0.5 + self._randn(b, heads).abs()))
+        self._add_heads("dc_passthrough", layer, ck.check_dc_passthrough(attn, c))
+
+        values = None
+        if y is not None and w is not None:
+            y64 = y.to(self.device, torch.float64)
+            values = torch.einsum("bnc,hcd->bhnd", y64, w.w_v)
+            if w.b_v is not None:
+                values = values + w.b_v[None, :, None, :]
+            self._add_heads("hc_contraction", layer,
+                            ck.check_hc_contraction(a_hat, values, s_a))
+        z_rand = self._randn(b, heads, n, 8)
+        self._add_heads("hc_contraction", layer, ck.check_hc_contraction(a_hat, z_rand, s_a))
+
+        self._lowpass(layer, a_hat, s_a, values)
+        self._products(layer, a_hat, s_a, x, y)
+
+        outcome, norm, bound, a = ck.check_logit_bound(a_hat, s_a)
+        self._add_heads("logit_bound", layer, outcome)
+        for wv in ck.ATTNSCALE_W:
+            self._add_heads("attnscale_gain", layer, ck.check_attnscale_gain(a_hat, s_a, norm, wv))
+        self._accumulate("gains", layer, torch.stack([s_a, norm, bound, a], dim=-1).sum(dim=0),
+                         count=b, shape=(4,))
+        self._accumulate_max("gains_max", layer, s_a.amax(dim=0))
+
+        if w is not None and w.msa_reason is None and x is not None and y is not None:
+            self._msa(layer, a_hat, s_a, x, y, values, held.get("output"), w)
+
+    def _add_heads(self, check: str, layer: int, outcome: ck.Outcome) -> None:
+        for h in range(outcome.slack.shape[1]):
+            self.tallies.add(check, layer, h, _take(outcome, h))
+
+    def _lowpass(self, layer: int, a_hat: Tensor, s_a: Tensor, values: Tensor | None) -> None:
+        b, heads, n, _ = a_hat.shape
+        cols = [self._randn(b, heads, n, RANDOM_COLS)]
+        if values is not None:  # random combinations of the head's real value features
+            cols.insert(0, values @ self._randn(values.shape[-1], REAL_COLS).to(values))
+        z = torch.cat(cols, dim=-1)
+        res = ck.lowpass(a_hat, z, s_a, self.max_steps)
+        for h in range(heads):
+            self.tallies.add("lowpass_limit", layer, h,
+                             ck.Outcome(res.outcome.slack[:, h], res.outcome.violated[:, h]))
+        rate = res.rate.nan_to_num(nan=0.0)
+        self._accumulate("lowpass", layer, torch.stack(
+            [rate.sum(dim=-1), res.rate.isfinite().sum(dim=-1).double(),
+             res.steps.double().mean(dim=-1),
+             (res.steps < self.max_steps).double().mean(dim=-1)], dim=-1).sum(dim=0),
+            count=b, shape=(4,))
+        if layer in self.curve_layers:
+            k = REAL_COLS if values is not None else RANDOM_COLS
+            r, bound = res.r[:, :, :k], res.bound[:, :, :k]  # real start vectors first
+            steps = r.shape[-1]
+            pad = self.max_steps - steps
+            finite = r.isfinite() & (r > 0) & bound.isfinite() & (bound > 0)
+            lr = torch.where(finite, r.clamp_min(1e-300).log10(), 0).sum(dim=(0, 2))
+            lb = torch.where(finite, bound.clamp_min(1e-300).log10(), 0).sum(dim=(0, 2))
+            cnt = finite.sum(dim=(0, 2)).double()
+            curve = torch.stack([torch.nn.functional.pad(t, (0, pad)) for t in (lr, lb, cnt)])
+            self._accumulate("curves", layer, curve, count=b, shape=(3, heads, self.max_steps),
+                             per_head=False)
+
+    def _products(self, layer: int, a_hat: Tensor, s_a: Tensor, x: Tensor | None,
+                  y: Tensor | None) -> None:
+        b, heads, n, _ = a_hat.shape
+        if self._path_heads is None or self._path_heads.shape[0] != heads + RANDOM_PATHS:
+            gen = torch.Generator().manual_seed(self.seed + 7)
+            same = torch.arange(heads)[:, None].expand(heads, self.depth)
+            rand = torch.randint(0, heads, (RANDOM_PATHS, self.depth), generator=gen)
+            self._path_heads = torch.cat([same, rand]).to(self.device)
+        if layer == 1:
+            start = y if y is not None else x
+            cols = [self._randn(b, 1, n, RANDOM_COLS)]
+            if start is not None:
+                s64 = start.to(self.device, torch.float64)[:, None]
+                cols.insert(0, s64 @ self._randn(s64.shape[-1], REAL_COLS))
+            z = torch.cat(cols, dim=-1).expand(-1, heads + RANDOM_PATHS, -1, -1)
+            self._paths = ck.Trajectory(z)
+        if self._paths is None:
+            return
+        idx = self._path_heads[:, layer - 1]
+        r, bound, out = self._paths.step(a_hat[:, idx], s_a[:, idx])
+        for p in range(heads + RANDOM_PATHS):
+            head = p if p < heads else -1
+            self.tallies.add("product_lowpass", layer, head,
+                             ck.Outcome(out.slack[:, p], out.violated[:, p]))
+        same, rand = slice(0, heads), slice(heads, None)
+        lr, lb = r.clamp_min(1e-300).log10(), bound.clamp_min(1e-300).log10()
+        self._accumulate("products", layer, torch.stack([
+            lr[:, same].mean(dim=(1, 2)), lb[:, same].mean(dim=(1, 2)),
+            lr[:, rand].mean(dim=(1, 2)), lb[:, rand].mean(dim=(1, 2))], dim=-1).sum(dim=0),
+            count=b, shape=(4,), per_head=False)
+
+    def _msa(self, layer: int, a_hat: Tensor, s_a: Tensor, x: Tensor, y: Tensor,
+             values: Tensor, output: Tensor | None, w: BranchWeights) -> None:
+        x64 = x.to(self.device, torch.float64)
+        y64 = y.to(self.device, torch.float64)
+        heads_out = a_hat @ values  # [B, H, N, d] (the value bias passes A as DC)
+        msa = torch.einsum("bhnd,hdc->bnc", heads_out, w.w_o)
+        if w.b_o is not None:
+            msa = msa + w.b_o
+        err_scale = (torch.linalg.matrix_norm(a_hat) * torch.linalg.matrix_norm(values)
+                     * torch.linalg.matrix_norm(w.w_o)).sum(dim=1)
+        res = ck.check_msa_bound(x64, y64, msa, s_a, w.head_norms, err_scale)
+        self.tallies.add("msa_bound", layer, None, res.branch)
+        self.tallies.add("msa_bound", layer, None, res.residual)
+        self._accumulate("blocks", layer, torch.stack(
+            [res.gain, res.bound, res.rate, res.rate_bound, 1 + res.bound,
+             res.y_over_x], dim=-1).sum(dim=0), count=x.shape[0], shape=(6,),
+            per_head=False)
+        self._accumulate_max("blocks_max", layer, torch.stack([res.gain, res.rate]).amax(dim=1))
+        if output is not None:
+            out64 = output.to(self.device, torch.float64)
+            rel = (torch.linalg.matrix_norm(msa - out64) / torch.linalg.matrix_norm(out64)
+                   .clamp_min(1e-300))
+            slack = rel / ck.RECON_TOL
+            self.tallies.add("msa_reconstruction", layer, None, ck.Outcome(slack, ~(slack <= 1)))
+
+    # ---- fixed-size summaries ----------------------------------------------------------------
+    def _accumulate(self, name: str, layer: int, value: Tensor, *, count: int, shape: tuple,
+                    per_head: bool = True) -> None:
+        full = (self.depth + 1, *((value.shape[0],) if per_head else ()), *shape)
+        key = f"{name}"
+        if key not in self._sums or tuple(self._sums[key].shape) != full:
+            self._sums[key] = torch.zeros(full, dtype=torch.float64)
+            self._sums[key + "_n"] = torch.zeros(self.depth + 1, dtype=torch.float64)
+        self._sums[key][layer] += value.detach().double().cpu()
+        self._sums[key + "_n"][layer] += count
+
+    def _accumulate_max(self, name: str, layer: int, value: Tensor) -> None:
+        full = (self.depth + 1, *value.shape)
+        if name not in self._sums or tuple(self._sums[name].shape) != full:
+            self._sums[name] = torch.zeros(full, dtype=torch.float64)
+        self._sums[name][layer] = torch.maximum(self._sums[name][layer], value.double().cpu())
+
+    # ---- results ---------------------------------------------------------------------------
+    def not_applicable(self) -> dict[tuple, str]:
+        """``(check, layer, head) -> reason`` for every row that is not applicable."""
+        na: dict[tuple, str] = {}
+        heads = list(range(self.num_heads))
+        per_head = ("dc_passthrough", "hc_contraction", "lowpass_limit", "logit_bound",
+                    "attnscale_gain")
+        first_fail = min(self.premise_failed, default=None)
+        for layer in range(1, self.depth + 1):
+            if not any(k[1] == layer for k in self.tallies):
+                continue  # no attention reached this block (e.g. a refused tap)
+            reason = self.premise_failed.get(layer)
+            if reason:
+                for check in per_head:
+                    na.update({(check, layer, h): reason for h in heads})
+                for check in ("msa_bound", "msa_reconstruction"):
+                    na[(check, layer, None)] = reason
+            if first_fail is not None and layer >= first_fail:
+                why = reason or (f"the head paths pass through layer {first_fail}, where "
+                                 f"{self.premise_failed[first_fail]}")
+                na.update({("product_lowpass", layer, h): why for h in [*heads, -1]})
+            if reason:
+                continue
+            msa_reason = self._msa_reason(layer)
+            if msa_reason:
+                na[("msa_bound", layer, None)] = msa_reason
+                na[("msa_reconstruction", layer, None)] = msa_reason
+            elif "output" in self.missing.get(layer, ()):
+                na[("msa_reconstruction", layer, None)] = (
+                    "the attention branch output is not reachable for this block family")
+        return na
+
+    def _msa_reason(self, layer: int) -> str | None:
+        w = self.weights[layer]
+        if w is None:
+            return self.weight_reasons[layer]
+        if w.msa_reason:
+            return w.msa_reason
+        missing = self.missing.get(layer, set()) & {"x", "input"}
+        if missing:
+            return ("the attention module's input (norm1(x)) is not reachable for this block "
+                    "family" if "input" in missing else "the block input is not reachable")
+        return None
+
+    def figure_data(self) -> dict[str, list[dict]]:
+        """Small tables for the figures (means over images)."""
+        out: dict[str, list[dict]] = {"gains": [], "curves": [], "products": [], "blocks": []}
+        sums = self._sums
+        if "gains" in sums:
+            n = sums["gains_n"]
+            low = sums.get("lowpass")
+            for layer in range(1, self.depth + 1):
+                if n[layer] == 0:
+                    continue
+                for h in range(sums["gains"].shape[1]):
+                    g = sums["gains"][layer, h] / n[layer]
+                    row = {"layer": layer, "head": h, "s_a": g[0].item(),
+                           "s_a_max": sums["gains_max"][layer, h].item(), "norm": g[1].item(),
+                           "logit_bound": g[2].item(), "a": g[3].item()}
+                    if low is not None and sums["lowpass_n"][layer] > 0:
+                        lw = low[layer, h]
+                        row.update(decay_rate=(lw[0] / lw[1]).item() if lw[1] > 0 else math.nan,
+                                   steps=(lw[2] / sums["lowpass_n"][layer]).item(),
+                                   converged=(lw[3] / sums["lowpass_n"][layer]).item())
+                    out["gains"].append(row)
+        if "curves" in sums:
+            for layer in self.curve_layers:
+                lr, lb, cnt = sums["curves"][layer]
+                for h in range(lr.shape[0]):
+                    full = cnt[h, 0]
+                    if full == 0:
+                        continue
+                    for t in range(self.max_steps):
+                        if cnt[h, t] < full:
+                            break
+                        out["curves"].append({"layer": layer, "head": h, "t": t + 1,
+                                              "r": 10 ** (lr[h, t] / full).item(),
+                                              "bound": 10 ** (lb[h, t] / full).item()})
+        if "products" in sums:
+            for layer in range(1, self.depth + 1):
+                m = sums["products_n"][layer]
+                if m > 0:
+                    v = (sums["products"][layer] / m).tolist()
+                    out["products"].append({"layer": layer, "r_same": 10 ** v[0],
+                                            "bound_same": 10 ** v[1], "r_random": 10 ** v[2],
+                                            "bound_random": 10 ** v[3]})
+        if "blocks" in sums:
+            for layer in range(1, self.depth + 1):
+                m = sums["blocks_n"][layer]
+                if m > 0:
+                    v = (sums["blocks"][layer] / m).tolist()
+                    mx = sums["blocks_max"][layer].tolist()
+                    out["blocks"].append({"layer": layer, "gain": v[0], "gain_max": mx[0],
+                                          "bound": v[1], "rate": v[2], "rate_max": mx[1],
+                                          "rate_bound": v[3], "one_plus_bound": v[4],
+                                          "hc_y_over_hc_x": v[5]})
+        return out
+
+
+def _take(outcome: ck.Outcome, h: int) -> ck.Outcome:
+    return ck.Outcome(outcome.slack[:, h], outcome.violated[:, h])
