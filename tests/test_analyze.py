@@ -149,3 +149,14 @@ def test_cpu_and_cuda_agree():
                                   atol=1e-6)
     pd.testing.assert_frame_equal(cpu.spectra, gpu.spectra, check_exact=False, rtol=1e-3,
                                   atol=1e-6)
+
+
+def test_worker_pipeline_gives_the_inline_result():
+    model = tiny(depth=4)
+    batches = list(synthetic_batches(5, 2, (32, 32), seed=4))
+    inline = analyze(model, images=batches, device="cpu", pipeline=False, warn=lambda m: None)
+    worker = analyze(model, images=batches, device="cpu", pipeline=True, warn=lambda m: None)
+    # the worker runs its torch ops on 1 thread, inline on 2: reduction order differs slightly
+    pd.testing.assert_frame_equal(inline.metrics, worker.metrics, check_exact=False, rtol=1e-7)
+    pd.testing.assert_frame_equal(inline.spectra, worker.spectra, check_exact=False, rtol=1e-7,
+                                  atol=1e-12)

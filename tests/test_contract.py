@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import timm
 import torch
-
 from reference import attn_metrics, attn_spectrum, token_curves, token_metrics, vit_forward
+
 from vitspec import analyze
 from vitspec.inputs import eval_transform, iter_batches, open_images
 

@@ -22,6 +22,7 @@ from vitspec.errors import VitspecError
 from vitspec.inputs import eval_transform, iter_batches, open_images
 from vitspec.loading import LoadedModel, load_model
 from vitspec.metrics import MetricSpec, list_metrics
+from vitspec.pipeline import Pipeline
 from vitspec.results import METRIC_COLUMNS, SPECTRA_COLUMNS, Result, moments_frame, validate
 from vitspec.scaling import techniques
 
@@ -83,6 +84,7 @@ def analyze(
     warn: Callable[[str], None] | None = None,
     model_kwargs: dict | None = None,
     featscale_form: str | None = None,
+    pipeline: bool = True,
 ) -> Result:
     """Capture every block's tokens and attention on a set of images and reduce them to metrics.
 
@@ -107,6 +109,8 @@ def analyze(
         featscale_form: ``'doubled'`` / ``'single'`` FeatScale for a model given by name (see
             :func:`vitspec.loading.load_model`). Blocks with AttnScale also get ``pre_attn_*``
             rows: the attention metrics on the pre-scale attention.
+        pipeline: on CPU, compute the metrics on a worker thread that overlaps the forward pass
+            (same results; ``False`` runs them inline, in the hooks).
 
     Returns:
         A ``Result`` with ``.metrics`` and ``.spectra`` DataFrames and ``.info`` provenance.
@@ -141,17 +145,21 @@ def analyze(
     bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, leave=False)
     used = 0
     start = time.perf_counter()
-    with torch.inference_mode(), capture(
-        adapter, sites=sites, on_tokens=collector.on_tokens,
-        on_attention=collector.on_attention if attention else None,
-        on_pre_attention=(collector.on_pre_attention
-                          if attention and adapter.has_pre_attention else None),
-    ):
-        for batch in batches:
-            collector.start_batch(adapter.grid(tuple(batch.shape[-2:])))
-            net(batch.to(dev, non_blocking=True))
-            bar.update(batch.shape[0])
-            used += batch.shape[0]
+    # On CPU the metrics run on a worker thread beside the forward pass (see vitspec.pipeline);
+    # on CUDA the kernels are already asynchronous and run inline.
+    with Pipeline(threads=1) if pipeline and dev.type == "cpu" else _Inline() as run:
+        with torch.inference_mode(), capture(
+            adapter, sites=sites, on_tokens=run.wrap(collector.on_tokens),
+            on_attention=run.wrap(collector.on_attention) if attention else None,
+            on_pre_attention=(run.wrap(collector.on_pre_attention)
+                              if attention and adapter.has_pre_attention else None),
+        ):
+            for batch in batches:
+                run.wrap(collector.start_batch)(adapter.grid(tuple(batch.shape[-2:])))
+                net(batch.to(dev, non_blocking=True))
+                bar.update(batch.shape[0])
+                used += batch.shape[0]
+        run.join()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     wall = time.perf_counter() - start
@@ -203,6 +211,22 @@ def analyze(
         "command": " ".join(sys.argv),
     }
     return Result(metrics=table, spectra=spectra, info=info)
+
+
+class _Inline:
+    """The Pipeline interface, running every callback at once in the calling thread."""
+
+    def wrap(self, fn):
+        return fn
+
+    def join(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def _tensor_batches(batches: Iterable, num_images: int | None) -> Iterator:

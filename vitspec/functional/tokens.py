@@ -229,7 +229,12 @@ def erank(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
         ...             0, (2, 2)).item(), 6)
         2.0
     """
-    s = torch.linalg.eigvalsh(token_view(tokens, num_prefix, grid).hc_gram).clamp_min(0).sqrt()
+    lam = torch.linalg.eigvalsh(token_view(tokens, num_prefix, grid).hc_gram)
+    # the Gram's eigenvalues carry round-off ~eps * lambda_max: below N * eps * lambda_max they
+    # are noise (HC[X] always has one zero singular value), and sqrt would inflate them to
+    # ~1e-8 * s_max, so they count as 0, as in an SVD of HC[X] itself
+    floor = lam.shape[-1] * torch.finfo(lam.dtype).eps * lam[..., -1:].clamp_min(0)
+    s = torch.where(lam > floor, lam, torch.zeros_like(lam)).sqrt()
     p = s / s.sum(dim=-1, keepdim=True)
     return torch.exp(-torch.special.xlogy(p, p).sum(dim=-1))
 

@@ -238,15 +238,17 @@ class Trajectory:
         self.w, self.hc0, self.gain, self.err = (
             t[mask] for t in (self.w, self.hc0, self.gain, self.err))
 
-    def step(self, m: Tensor, s: Tensor, rtol: float = RTOL) -> tuple[Tensor, Tensor, Outcome]:
-        """Apply ``m`` (``[..., N, N]``, gain ``s`` ``[...]``); return ``r_t``, its bound and the
-        outcome, each ``[..., k]``."""
+    def step(self, m: Tensor, s: Tensor, rtol: float = RTOL,
+             m_fro: Tensor | None = None) -> tuple[Tensor, Tensor, Outcome]:
+        """Apply ``m`` (``[..., N, N]``, gain ``s`` ``[...]``, Frobenius norm ``m_fro`` if known);
+        return ``r_t``, its bound and the outcome, each ``[..., k]``."""
         w_prev = self.w
         self.w = m @ w_prev
         s = s[..., None]
+        m_fro = _fro(m) if m_fro is None else m_fro
         self.gain = self.gain * s
         self.err = s * self.err + 4 * self.gamma * (
-            _fro(m)[..., None] * w_prev.norm(dim=-2) + self.w.norm(dim=-2))
+            m_fro[..., None] * w_prev.norm(dim=-2) + self.w.norm(dim=-2))
         lhs = hc_norm(self.w)
         dc = _dc_norm(self.w)
         rhs = self.gain * self.hc0
@@ -307,10 +309,11 @@ def lowpass(a_hat: Tensor, z: Tensor, s_a: Tensor, max_steps: int = 512,
     steps = torch.zeros(m, k, dtype=torch.long, device=dev)
     r_all = torch.full((m, k, max_steps), math.nan, dtype=torch.float64, device=dev)
     b_all = torch.full_like(r_all, math.nan)
-    sub_a, sub_s = a, s
+    fro = _fro(a)
+    sub_a, sub_s, sub_fro = a, s, fro
     taken = 0
     for t in range(max_steps):
-        r, bound, out = tr.step(sub_a, sub_s, rtol)
+        r, bound, out = tr.step(sub_a, sub_s, rtol, sub_fro)
         act = active[idx]
         r_all[idx, :, t] = torch.where(act, r, math.nan)
         b_all[idx, :, t] = torch.where(act, bound, math.nan)
@@ -326,7 +329,7 @@ def lowpass(a_hat: Tensor, z: Tensor, s_a: Tensor, max_steps: int = 512,
         if not bool(keep.all()):
             idx = idx[keep]
             tr.keep(keep)
-            sub_a, sub_s = a[idx], s[idx]
+            sub_a, sub_s, sub_fro = a[idx], s[idx], fro[idx]
     r_all, b_all = r_all[..., :taken], b_all[..., :taken]
 
     def shaped(x: Tensor) -> Tensor:

@@ -115,6 +115,7 @@ class ModelVerifier:
         self.images = 0
         self.gain_diff = 0.0  # max relative |attn_hc_gain - exact s_a|
         self.missing: dict[int, set] = {}
+        self.naive: dict[int, list[int]] = {}  # layer -> [cases, rate > 1 + bound]
         self.curve_layers = sorted({max(1, round(i * self.depth / CURVE_LAYERS))
                                     for i in range(1, CURVE_LAYERS + 1)} | {1})[-CURVE_LAYERS:]
         self._sums: dict[str, Tensor] = {}
@@ -286,6 +287,9 @@ class ModelVerifier:
             [res.gain, res.bound, res.rate, res.rate_bound, 1 + res.bound,
              res.y_over_x], dim=-1).sum(dim=0), count=x.shape[0], shape=(6,),
             per_head=False)
+        naive = self.naive.setdefault(layer, [0, 0])
+        naive[0] += x.shape[0]
+        naive[1] += int((res.rate > 1 + res.bound).sum())
         self._accumulate_max("blocks_max", layer, torch.stack([res.gain, res.rate]).amax(dim=1))
         if output is not None:
             out64 = output.to(self.device, torch.float64)
@@ -354,6 +358,20 @@ class ModelVerifier:
             return ("the attention module's input (norm1(x)) is not reachable for this block "
                     "family" if "input" in missing else "the block input is not reachable")
         return None
+
+    def residual_note(self) -> dict:
+        """How often the per-block rate ``||HC[X + MSA(Y)]|| / ||HC[X]||`` exceeds ``1 + B``
+        (B the msa bound), which is the rate only when ``||HC[Y]|| <= ||HC[X]||``."""
+        cases = sum(c for c, _ in self.naive.values())
+        exceed = sum(e for _, e in self.naive.values())
+        return {
+            "statement": "per-block HC rate ||HC[X + MSA(Y)]|| / ||HC[X]|| <= 1 + msa bound",
+            "cases": cases,
+            "exceed": exceed,
+            "layers_exceeding": [layer for layer, (_, e) in sorted(self.naive.items()) if e],
+            "note": "not a check: with LayerNorm, Y = norm1(X) and ||HC[Y]|| / ||HC[X]|| is "
+                    "unbounded, so only ||HC[X]|| + B ||HC[Y]|| (checked by msa_bound) is a bound",
+        }
 
     def figure_data(self) -> dict[str, list[dict]]:
         """Small tables for the figures (means over images)."""

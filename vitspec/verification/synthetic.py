@@ -83,12 +83,16 @@ def run_synthetic(sizes=SIZES, widths=WIDTHS, *, samples: int = SAMPLES, max_ste
         for width in widths:
             for family in (FAMILIES if width > 0 else FAMILIES[:1]):
                 a_mat = logit_families(family, n, width, samples, gen).softmax(dim=-1)
-                s_a, norm, bound, a = _group(tallies, a_mat, gen, max_steps)
+                s_a, norm, bound, a = _group(tallies, a_mat, gen)
                 pool.append((a_mat, s_a))
                 points += [{"N": n, "family": family, "width": width, "a": a[i].item(),
                             "s_a": s_a[i].item(), "norm": norm[i].item(),
                             "logit_bound": bound[i].item()} for i in range(samples)]
-        _products(tallies, pool, gen)
+        mats = ck.renormalise(torch.cat([m for m, _ in pool]))
+        gains = torch.cat([s for _, s in pool])
+        res = ck.lowpass(mats, _randn(gen, mats.shape[0], n, 4), gains, max_steps)
+        tallies.add("lowpass_limit", None, None, res.outcome)
+        _products(tallies, mats, gains, gen)
     return out, points
 
 
@@ -96,7 +100,7 @@ def _randn(gen: torch.Generator, *shape: int) -> Tensor:
     return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
 
-def _group(tallies: Tallies, a_mat: Tensor, gen: torch.Generator, max_steps: int):
+def _group(tallies: Tallies, a_mat: Tensor, gen: torch.Generator):
     """Every single-matrix check and msa_bound on one group of matrices ``[K, N, N]``."""
     k, n, _ = a_mat.shape
     tallies.add(PREMISE, None, None, ck.check_row_stochastic(a_mat))
@@ -110,8 +114,6 @@ def _group(tallies: Tallies, a_mat: Tensor, gen: torch.Generator, max_steps: int
     m = double_centre(a_hat)
     v = torch.linalg.eigh(m.mT @ m).eigenvectors[..., -1:]
     tallies.add("hc_contraction", None, None, ck.check_hc_contraction(a_hat, v, s_a))
-    res = ck.lowpass(a_hat, _randn(gen, k, n, 4), s_a, max_steps)
-    tallies.add("lowpass_limit", None, None, res.outcome)
     outcome, norm, bound, a = ck.check_logit_bound(a_hat, s_a)
     tallies.add("logit_bound", None, None, outcome)
     for w in ck.ATTNSCALE_W:
@@ -132,14 +134,13 @@ def _group(tallies: Tallies, a_mat: Tensor, gen: torch.Generator, max_steps: int
     return s_a, norm, bound, a
 
 
-def _products(tallies: Tallies, pool: list[tuple[Tensor, Tensor]], gen: torch.Generator) -> None:
-    """Paths of PRODUCT_DEPTH matrices drawn at random from the pool, checked after each factor."""
-    mats = torch.cat([m for m, _ in pool])
-    gains = torch.cat([s for _, s in pool])
+def _products(tallies: Tallies, mats: Tensor, gains: Tensor, gen: torch.Generator) -> None:
+    """Paths of PRODUCT_DEPTH matrices drawn at random from ``mats``, checked after each
+    factor."""
     n = mats.shape[-1]
     choice = torch.randint(0, mats.shape[0], (PRODUCT_PATHS, PRODUCT_DEPTH), generator=gen)
     tr = ck.Trajectory(_randn(gen, PRODUCT_PATHS, n, 4))
     for depth in range(PRODUCT_DEPTH):
         idx = choice[:, depth]
-        _, _, outcome = tr.step(ck.renormalise(mats[idx]), gains[idx])
+        _, _, outcome = tr.step(mats[idx], gains[idx])
         tallies.add("product_lowpass", depth + 1, None, outcome)
