@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import timm
 import torch
-from reference import attn_metrics, attn_spectrum, token_curves, token_metrics, vit_forward
+from metric_reference import ATTN, TOKEN
+from reference import vit_forward
 
 from vitspec import analyze
 from vitspec.inputs import eval_transform, iter_batches, open_images
@@ -41,29 +42,27 @@ def run(request):
 
 
 def _reference(sd, pixels, num_prefix, kwargs):
+    """(site, layer, head, name) -> per-image values, from the numpy forward and definitions."""
     grid = (kwargs["img_size"] // kwargs["patch_size"],) * 2
-    metrics, curves = {}, {}
+    values = {}
     for image in pixels:
         sites, attention = vit_forward(sd, image, patch=kwargs["patch_size"],
                                        heads=kwargs["num_heads"], num_prefix=num_prefix)
         for (site, layer), x in sites.items():
-            for name, value in token_metrics(x, num_prefix, grid).items():
-                metrics.setdefault((site, layer, None, name), []).append(value)
-            for name, value in token_curves(x, num_prefix, grid).items():
-                curves.setdefault((site, layer, None, name), []).append(value)
+            for name, fn in TOKEN.items():
+                values.setdefault((site, layer, None, name), []).append(fn(x, num_prefix, grid))
         for layer, a in attention.items():
-            per_head = [attn_metrics(a[h], attention[layer - 1][h] if layer > 1 else None)
-                        for h in range(a.shape[0])]
-            for name in per_head[0]:
-                values = [m[name] for m in per_head]
-                for h, value in enumerate(values):
-                    metrics.setdefault(("attn", layer, h, name), []).append(value)
-                metrics.setdefault(("attn", layer, -1, name), []).append(np.mean(values))
-            spectra = [attn_spectrum(a[h]) for h in range(a.shape[0])]
-            for h, s in enumerate(spectra):
-                curves.setdefault(("attn", layer, h, "attn_spectrum"), []).append(s)
-            curves.setdefault(("attn", layer, -1, "attn_spectrum"), []).append(np.mean(spectra, 0))
-    return metrics, curves
+            for name, fn in ATTN.items():
+                if name == "attn_cross_layer_sim" and layer == 1:
+                    continue
+                heads = [fn(a[h], attention[layer - 1][h] if layer > 1 else None)
+                         for h in range(a.shape[0])]
+                for h, value in enumerate(heads):
+                    values.setdefault(("attn", layer, h, name), []).append(value)
+                values.setdefault(("attn", layer, -1, name), []).append(np.mean(heads, axis=0))
+    curves = {"dlogamp", "token_spectrum", "attn_spectrum"}
+    metrics = {k: v for k, v in values.items() if k[3] not in curves}
+    return metrics, {k: v for k, v in values.items() if k[3] in curves}
 
 
 def test_every_metric_row_matches_the_reference(run):

@@ -47,6 +47,16 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics(args: argparse.Namespace) -> int:
+    from vitspec.metrics import list_metrics
+
+    specs = list_metrics(args.pattern)
+    width = max((len(s.name) for s in specs), default=0)
+    for spec in specs:
+        print(f"{spec.name:<{width}}  {spec.kind:<11}  {spec.formula}  [{spec.source}]")
+    return 0 if specs else 2
+
+
 def _say(args: argparse.Namespace, message: str) -> None:
     if not args.quiet:
         print(f"vitspec: {message}", file=sys.stderr)
@@ -104,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     _add_common(p)
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("metrics", help="list the metrics with their formulas and sources")
+    p.add_argument("pattern", nargs="?", default="*", help="name pattern, e.g. 'attn_*'")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=_metrics)
     return parser
 
 

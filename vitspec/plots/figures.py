@@ -14,17 +14,26 @@ from vitspec.plots.depth import plot_heads_vs_layer, plot_metric_vs_layer
 def _grid(n: int, ncols: int = 4, size=(3.6, 2.8)) -> tuple[Figure, list]:
     ncols = min(ncols, max(n, 1))
     nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows + 0.7), layout="constrained")
+    # at least 7.5 inches wide so that the two-line title fits above a single panel
+    fig = Figure(figsize=(max(size[0] * ncols, 7.5), size[1] * nrows + 0.7), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
     for ax in axes[n:]:
         ax.set_visible(False)
     return fig, axes[:n]
 
 
-def _title(info: dict, what: str) -> str:
+def _title(info: dict, what: str, bands: bool = True) -> str:
     weights = "RANDOM INIT (untrained)" if info.get("random_init") else info.get("checkpoint", "")
     used = info.get("images", {}).get("used", "?")
-    return f"{info.get('model', '')} [{weights}] - {what} - {used} images, mean +/- sd"
+    stat = "mean +/- sd" if bands else "mean"
+    return f"{info.get('model', '')} [{weights}]\n{what}, {used} images, {stat}"
+
+
+def _curve_sites(spectra, curve: str) -> list[tuple[str, ...]]:
+    """Token-curve panels: ``embed`` (layer 0) joins the ``block`` panel, ``mid`` has its own."""
+    sites = set(spectra.loc[spectra["curve"] == curve, "site"])
+    panels = [tuple(s for s in ("embed", "block") if s in sites)]
+    return [p for p in panels if p] + ([("mid",)] if "mid" in sites else [])
 
 
 def run_figures(result) -> dict[str, Figure]:
@@ -53,29 +62,25 @@ def run_figures(result) -> dict[str, Figure]:
         axes[0].legend(fontsize=8)
         fig.suptitle(_title(info, "attention metrics vs layer"))
         figures["attention"] = fig
-    dl_sites = list(dict.fromkeys(spectra.loc[spectra["curve"] == "dlogamp", "site"]))
-    if dl_sites:
-        fig, axes = _grid(len(dl_sites), size=(4.2, 3.2))
-        for ax, site in zip(axes, dl_sites):
-            plot_curves(spectra, "dlogamp", site=site, ax=ax)
-            ax.set_xlabel("frequency (0 = DC, last = highest on the diagonal)")
-            ax.set_ylabel("relative log amplitude")
-        fig.suptitle(_title(info, "Fourier log-amplitude of the patch grid (Park & Kim)"))
+    dl_panels = _curve_sites(spectra, "dlogamp")
+    if dl_panels:
+        fig, axes = _grid(len(dl_panels), size=(5.2, 3.6))
+        for ax, sites in zip(axes, dl_panels):
+            plot_curves(spectra, "dlogamp", site=sites, ax=ax)
+            ax.set_xlabel("frequency on the grid diagonal (0 = DC)")
+            ax.set_ylabel("log amplitude relative to DC")
+        fig.suptitle(_title(info, "patch-grid Fourier log amplitude (Park & Kim)", bands=False))
         figures["dlogamp"] = fig
-    panels = []
-    if (spectra["curve"] == "token_spectrum").any():
-        for site in dict.fromkeys(spectra.loc[spectra["curve"] == "token_spectrum", "site"]):
-            panels.append(("token_spectrum", site, None))
-    if (spectra["curve"] == "attn_spectrum").any():
-        panels.append(("attn_spectrum", "attn", -1))
-    if (spectra["curve"] == "pre_attn_spectrum").any():
-        panels.append(("pre_attn_spectrum", "attn", -1))
+    panels = [("token_spectrum", sites, None) for sites in _curve_sites(spectra, "token_spectrum")]
+    for curve in ("attn_spectrum", "pre_attn_spectrum"):
+        if (spectra["curve"] == curve).any():
+            panels.append((curve, ("attn",), -1))
     if panels:
-        fig, axes = _grid(len(panels), ncols=3, size=(4.4, 3.2))
-        for ax, (curve, site, head) in zip(axes, panels):
-            plot_curves(spectra, curve, site=site, head=head, centre=True, log=True, ax=ax)
+        fig, axes = _grid(len(panels), ncols=3, size=(4.6, 3.4))
+        for ax, (curve, sites, head) in zip(axes, panels):
+            plot_curves(spectra, curve, site=sites, head=head, centre=True, log=True, ax=ax)
             ax.set_xlabel("token frequency k (DC in the middle)")
-        fig.suptitle(_title(info, "token-axis spectra"))
+        fig.suptitle(_title(info, "spectra over the token axis", bands=False))
         figures["spectra"] = fig
     return figures
 
