@@ -47,8 +47,18 @@ def time_analyze(model, batches, device) -> float:
 
 def peak_memory(args, n: int) -> float:
     """Peak memory (MiB) of analyzing n synthetic images, in a fresh process."""
-    cmd = [sys.executable, __file__, "--model", args.model, "--batch-size", str(args.batch_size),
-           "--device", args.device, "--_memory-child", str(n)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--_memory-child",
+        str(n),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
@@ -90,8 +100,10 @@ def main() -> None:
     batches = _batches(args, args.num_images)
     cpu = platform.processor() or platform.machine()
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu}"
-    print(f"model {args.model}, batch {args.batch_size}, {args.num_images} images, "
-          f"device {device} ({where}), threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(
+        f"model {args.model}, batch {args.batch_size}, {args.num_images} images, "
+        f"device {device} ({where}), threads {torch.get_num_threads()}, torch {torch.__version__}"
+    )
     time_inference(model, batches[:1], device)  # warm up both paths
     time_analyze(model, batches[:1], device)
     plain, ours = [], []
@@ -104,8 +116,10 @@ def main() -> None:
     if not args.skip_memory:
         small, large = peak_memory(args, 32), peak_memory(args, 512)
         kind = "peak CUDA allocated" if device.type == "cuda" else "peak RSS"
-        print(f"{kind} of analyze: 32 images {small:.0f} MiB, 512 images {large:.0f} MiB "
-              f"(ratio {large / small:.3f})")
+        print(
+            f"{kind} of analyze: 32 images {small:.0f} MiB, 512 images {large:.0f} MiB "
+            f"(ratio {large / small:.3f})"
+        )
     print(f"analyze/inference time ratio: {b / a:.2f}")
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import erf
 
-
 # --- a float64 forward pass of a timm VisionTransformer, from its state dict -------------------
+
 
 def _layer_norm(x, weight, bias, eps):
     mu = x.mean(axis=-1, keepdims=True)
@@ -22,8 +22,9 @@ def _gelu(x):
     return 0.5 * x * (1 + erf(x / np.sqrt(2)))
 
 
-def vit_forward(sd: dict, image: np.ndarray, *, patch: int, heads: int, num_prefix: int,
-                eps: float = 1e-6):
+def vit_forward(
+    sd: dict, image: np.ndarray, *, patch: int, heads: int, num_prefix: int, eps: float = 1e-6
+):
     """Tokens at every site and attention of every block, for one image (3 x H x W).
 
     Returns:

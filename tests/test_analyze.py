@@ -43,8 +43,13 @@ def test_table_has_every_metric_at_every_site_layer_and_head(result):
     assert m["head"].dtype == "Int64"
     n_tokens = 1 + 16
     s = result.spectra
-    assert len(s[(s["curve"] == "token_spectrum") & (s["site"] == "block") & (s["layer"] == 1)]) == n_tokens
-    assert len(s[(s["curve"] == "attn_spectrum") & (s["head"] == -1) & (s["layer"] == 1)]) == n_tokens
+    assert (
+        len(s[(s["curve"] == "token_spectrum") & (s["site"] == "block") & (s["layer"] == 1)])
+        == n_tokens
+    )
+    assert (
+        len(s[(s["curve"] == "attn_spectrum") & (s["head"] == -1) & (s["layer"] == 1)]) == n_tokens
+    )
     assert len(s[(s["curve"] == "dlogamp") & (s["site"] == "embed")]) == 4 - 4 // 2
 
 
@@ -76,8 +81,9 @@ def test_tensor_batches_equal_folder_free_input_and_cut_at_num_images():
     model = tiny()
     batches = list(synthetic_batches(5, 2, (32, 32), seed=1))
     full = analyze(model, images=batches, device="cpu", warn=lambda m: None)
-    cut = analyze(model, images=[(b, None) for b in batches], num_images=4, device="cpu",
-                  warn=lambda m: None)
+    cut = analyze(
+        model, images=[(b, None) for b in batches], num_images=4, device="cpu", warn=lambda m: None
+    )
     assert full.info["images"]["used"] == 5 and cut.info["images"]["used"] == 4
     assert (cut.metrics["n"] == 4).all()
 
@@ -88,8 +94,9 @@ def test_streaming_batches_do_not_change_the_result():
     one = analyze(model, images=batches, device="cpu", warn=lambda m: None)
     small = [b for batch in batches for b in batch.split(1)]
     many = analyze(model, images=small, device="cpu", warn=lambda m: None)
-    pd.testing.assert_frame_equal(one.metrics, many.metrics, check_exact=False, rtol=1e-5,
-                                  atol=1e-7)
+    pd.testing.assert_frame_equal(
+        one.metrics, many.metrics, check_exact=False, rtol=1e-5, atol=1e-7
+    )
 
 
 def test_non_stochastic_attention_is_refused_but_tokens_still_run():
@@ -106,8 +113,9 @@ def test_non_stochastic_attention_is_refused_but_tokens_still_run():
 
     attn.forward = doubled
     warnings = []
-    r = analyze(model, images=list(synthetic_batches(2, 2, (32, 32))), device="cpu",
-                warn=warnings.append)
+    r = analyze(
+        model, images=list(synthetic_batches(2, 2, (32, 32))), device="cpu", warn=warnings.append
+    )
     assert any("block 2: attention metrics skipped" in w for w in warnings)
     a = r.metrics[r.metrics["site"] == "attn"]
     assert 2 not in set(a["layer"])
@@ -127,8 +135,13 @@ def test_nan_activations_name_the_layer():
 
 
 def test_metric_selection_and_errors():
-    r = analyze(tiny(), images=list(synthetic_batches(2, 2, (32, 32))), device="cpu",
-                metrics="hc_*,attn_entropy", sites=["block"])
+    r = analyze(
+        tiny(),
+        images=list(synthetic_batches(2, 2, (32, 32))),
+        device="cpu",
+        metrics="hc_*,attn_entropy",
+        sites=["block"],
+    )
     assert set(r.metrics["metric"]) == {"hc_dc_ratio", "hc_energy", "attn_entropy"}
     assert r.spectra.empty
     with pytest.raises(VitspecError, match="allowed: hc_dc_ratio"):
@@ -145,10 +158,8 @@ def test_cpu_and_cuda_agree():
     batches = list(synthetic_batches(6, 3, (32, 32), seed=5))
     cpu = analyze(model, images=batches, device="cpu")
     gpu = analyze(model, images=batches, device="cuda")
-    pd.testing.assert_frame_equal(cpu.metrics, gpu.metrics, check_exact=False, rtol=1e-3,
-                                  atol=1e-6)
-    pd.testing.assert_frame_equal(cpu.spectra, gpu.spectra, check_exact=False, rtol=1e-3,
-                                  atol=1e-6)
+    pd.testing.assert_frame_equal(cpu.metrics, gpu.metrics, check_exact=False, rtol=1e-3, atol=1e-6)
+    pd.testing.assert_frame_equal(cpu.spectra, gpu.spectra, check_exact=False, rtol=1e-3, atol=1e-6)
 
 
 def test_worker_pipeline_gives_the_inline_result():
@@ -158,5 +169,6 @@ def test_worker_pipeline_gives_the_inline_result():
     worker = analyze(model, images=batches, device="cpu", pipeline=True, warn=lambda m: None)
     # the worker runs its torch ops on 1 thread, inline on 2: reduction order differs slightly
     pd.testing.assert_frame_equal(inline.metrics, worker.metrics, check_exact=False, rtol=1e-7)
-    pd.testing.assert_frame_equal(inline.spectra, worker.spectra, check_exact=False, rtol=1e-7,
-                                  atol=1e-12)
+    pd.testing.assert_frame_equal(
+        inline.spectra, worker.spectra, check_exact=False, rtol=1e-7, atol=1e-12
+    )

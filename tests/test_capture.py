@@ -12,8 +12,15 @@ from vitspec.errors import VitspecError
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                             depth=3, embed_dim=32, num_heads=2).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=3,
+        embed_dim=32,
+        num_heads=2,
+    ).eval()
 
 
 def _hook_count(model):
@@ -24,12 +31,19 @@ def test_sites_reach_the_callbacks_with_the_right_tensors(model):
     adapter = get_adapter(model)
     x = torch.randn(2, 3, 32, 32)
     seen, attn = {}, {}
-    with torch.inference_mode(), capture(adapter, sites=("embed", "mid", "block"),
-                                         on_tokens=lambda s, l, t: seen.__setitem__((s, l), t),
-                                         on_attention=lambda l, a: attn.__setitem__(l, a)):
+    with (
+        torch.inference_mode(),
+        capture(
+            adapter,
+            sites=("embed", "mid", "block"),
+            on_tokens=lambda s, layer, t: seen.__setitem__((s, layer), t),
+            on_attention=lambda layer, a: attn.__setitem__(layer, a),
+        ),
+    ):
         out = model.forward_features(x)
-    assert sorted(seen) == sorted([("embed", 0)] + [(s, l) for s in ("mid", "block")
-                                                      for l in (1, 2, 3)])
+    assert sorted(seen) == sorted(
+        [("embed", 0)] + [(s, layer) for s in ("mid", "block") for layer in (1, 2, 3)]
+    )
     with torch.inference_mode():
         assert torch.allclose(model.norm(seen[("block", 3)]), out, atol=1e-6)
         # independent: run the blocks by hand
@@ -58,7 +72,7 @@ def test_hooks_removed_and_fused_attention_restored_even_on_error(model):
             raise RuntimeError("callback failed")
 
     with pytest.raises(RuntimeError, match="callback failed"), torch.inference_mode():
-        with capture(adapter, sites=("block",), on_tokens=boom, on_attention=lambda l, a: None):
+        with capture(adapter, sites=("block",), on_tokens=boom, on_attention=lambda layer, a: None):
             assert not any(b.attn.fused_attn for b in model.blocks)
             model(torch.randn(1, 3, 32, 32))
     assert _hook_count(model) == before

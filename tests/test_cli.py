@@ -39,8 +39,18 @@ def assert_one_line_error(code, err, expected_code, *fragments):
 
 def test_analyze_writes_a_complete_run_directory(capsys, tmp_path, ckpt):
     out = tmp_path / "run"
-    code, err = run(capsys, "analyze", MODEL, "--ckpt", str(ckpt), "--num-images", "2",
-                    "--out", str(out), "--quiet")
+    code, err = run(
+        capsys,
+        "analyze",
+        MODEL,
+        "--ckpt",
+        str(ckpt),
+        "--num-images",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+    )
     assert code == 0, err
     names = sorted(p.name for p in out.iterdir())
     for stem in ("tokens", "attention", "dlogamp", "spectra"):
@@ -60,8 +70,19 @@ def test_analyze_writes_a_complete_run_directory(capsys, tmp_path, ckpt):
 
 def test_random_init_says_so_everywhere(capsys, tmp_path):
     out = tmp_path / "r"
-    code, err = run(capsys, "analyze", MODEL, "--random-init", "--num-images", "1", "--out",
-                    str(out), "--no-figures", "--metrics", "hc_dc_ratio")
+    code, err = run(
+        capsys,
+        "analyze",
+        MODEL,
+        "--random-init",
+        "--num-images",
+        "1",
+        "--out",
+        str(out),
+        "--no-figures",
+        "--metrics",
+        "hc_dc_ratio",
+    )
     assert code == 0, err
     assert "RANDOM weights" in err
     assert "random-init" in (out / "metrics.csv").read_text().splitlines()[1]
@@ -70,21 +91,40 @@ def test_random_init_says_so_everywhere(capsys, tmp_path):
 
 def test_default_out_dir_is_runs_model_label(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, err = run(capsys, "analyze", MODEL, "--random-init", "--num-images", "1", "--quiet",
-                    "--no-figures", "--metrics", "erank")
+    code, err = run(
+        capsys,
+        "analyze",
+        MODEL,
+        "--random-init",
+        "--num-images",
+        "1",
+        "--quiet",
+        "--no-figures",
+        "--metrics",
+        "erank",
+    )
     assert code == 0, err
     assert (tmp_path / "runs" / "deit_tiny-random-init" / "metrics.csv").is_file()
 
 
-@pytest.mark.parametrize("argv, fragments", [
-    (["deit_smal", "--random-init"], ["unknown model 'deit_smal'", "deit_small"]),
-    (["resnet18", "--random-init"], ["resnet18", "vision transformers"]),
-    (["deit_tiny", "--ckpt", "/nonexistent/x.pth"], ["checkpoint not found", "/nonexistent/x.pth"]),
-    (["deit_tiny"], ["--ckpt FILE", "--random-init"]),
-    (["deit_tiny", "--random-init", "--images", "/nonexistent/dir"], ["image folder not found"]),
-    (["deit_tiny", "--random-init", "--sites", "embed,blocks"], ["allowed: embed, mid, block"]),
-    (["deit_tiny", "--random-init", "--metrics", "nope"], ["allowed:"]),
-])
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["deit_smal", "--random-init"], ["unknown model 'deit_smal'", "deit_small"]),
+        (["resnet18", "--random-init"], ["resnet18", "vision transformers"]),
+        (
+            ["deit_tiny", "--ckpt", "/nonexistent/x.pth"],
+            ["checkpoint not found", "/nonexistent/x.pth"],
+        ),
+        (["deit_tiny"], ["--ckpt FILE", "--random-init"]),
+        (
+            ["deit_tiny", "--random-init", "--images", "/nonexistent/dir"],
+            ["image folder not found"],
+        ),
+        (["deit_tiny", "--random-init", "--sites", "embed,blocks"], ["allowed: embed, mid, block"]),
+        (["deit_tiny", "--random-init", "--metrics", "nope"], ["allowed:"]),
+    ],
+)
 def test_user_mistakes_give_one_line(capsys, tmp_path, argv, fragments):
     out = tmp_path / "never"
     code, err = run(capsys, "analyze", *argv, "--out", str(out), "--quiet")
@@ -96,18 +136,36 @@ def test_user_mistakes_give_one_line(capsys, tmp_path, argv, fragments):
 def test_bad_files_give_one_line(capsys, tmp_path, ckpt):
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, err = run(capsys, "analyze", MODEL, "--random-init", "--images", str(empty), "--out",
-                    str(tmp_path / "o1"), "--quiet")
+    code, err = run(
+        capsys,
+        "analyze",
+        MODEL,
+        "--random-init",
+        "--images",
+        str(empty),
+        "--out",
+        str(tmp_path / "o1"),
+        "--quiet",
+    )
     assert_one_line_error(code, err, 2, "no images", str(empty))
 
     truncated = tmp_path / "cut.pth"
-    truncated.write_bytes(ckpt.read_bytes()[: 100_000])
-    code, err = run(capsys, "analyze", MODEL, "--ckpt", str(truncated), "--out",
-                    str(tmp_path / "o2"), "--quiet")
+    truncated.write_bytes(ckpt.read_bytes()[:100_000])
+    code, err = run(
+        capsys, "analyze", MODEL, "--ckpt", str(truncated), "--out", str(tmp_path / "o2"), "--quiet"
+    )
     assert_one_line_error(code, err, 2, "cannot read checkpoint", "cut.pth")
 
-    code, err = run(capsys, "analyze", "vit_small", "--ckpt", str(ckpt), "--out",
-                    str(tmp_path / "o3"), "--quiet")
+    code, err = run(
+        capsys,
+        "analyze",
+        "vit_small",
+        "--ckpt",
+        str(ckpt),
+        "--out",
+        str(tmp_path / "o3"),
+        "--quiet",
+    )
     assert_one_line_error(code, err, 2, "vit_small_patch16_224")
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
 
@@ -119,8 +177,21 @@ def test_existing_out_dir_refused_before_any_work(capsys, tmp_path):
     code, err = run(capsys, "analyze", MODEL, "--random-init", "--out", str(out))
     assert_one_line_error(code, err, 2, "exists; pass --overwrite")
     assert (out / "keep.txt").read_text() == "mine"
-    code, err = run(capsys, "analyze", MODEL, "--random-init", "--out", str(out), "--overwrite",
-                    "--num-images", "1", "--no-figures", "--quiet", "--metrics", "hc_energy")
+    code, err = run(
+        capsys,
+        "analyze",
+        MODEL,
+        "--random-init",
+        "--out",
+        str(out),
+        "--overwrite",
+        "--num-images",
+        "1",
+        "--no-figures",
+        "--quiet",
+        "--metrics",
+        "hc_energy",
+    )
     assert code == 0, err
     assert not (out / "keep.txt").exists() and (out / "metrics.csv").exists()
 
@@ -131,16 +202,35 @@ def test_nan_checkpoint_names_the_layer(capsys, tmp_path):
     sd["blocks.4.attn.qkv.weight"][:] = float("nan")
     path = tmp_path / "nan.pth"
     torch.save(sd, path)
-    code, err = run(capsys, "analyze", MODEL, "--ckpt", str(path), "--num-images", "1", "--out",
-                    str(tmp_path / "out"), "--quiet")
+    code, err = run(
+        capsys,
+        "analyze",
+        MODEL,
+        "--ckpt",
+        str(path),
+        "--num-images",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+    )
     assert_one_line_error(code, err, 1, "NaN or Inf", "layer 5")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_absent(capsys, tmp_path):
-    code, err = run(capsys, "analyze", MODEL, "--random-init", "--device", "cuda", "--out",
-                    str(tmp_path / "o"), "--quiet")
+    code, err = run(
+        capsys,
+        "analyze",
+        MODEL,
+        "--random-init",
+        "--device",
+        "cuda",
+        "--out",
+        str(tmp_path / "o"),
+        "--quiet",
+    )
     assert_one_line_error(code, err, 2, "CUDA is not available")
 
 
@@ -158,8 +248,19 @@ def test_unreadable_image_is_skipped_and_recorded(capsys, tmp_path):
     Image.new("L", (30, 40), 99).save(images / "b.jpg")
     (images / "c.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "run"
-    code, err = run(capsys, "analyze", MODEL, "--random-init", "--images", str(images), "--out",
-                    str(out), "--no-figures", "--metrics", "hc_energy")
+    code, err = run(
+        capsys,
+        "analyze",
+        MODEL,
+        "--random-init",
+        "--images",
+        str(images),
+        "--out",
+        str(out),
+        "--no-figures",
+        "--metrics",
+        "hc_energy",
+    )
     assert code == 0, err
     assert sum("skipping unreadable image c.jpg" in line for line in err.splitlines()) == 1
     info = json.loads((out / "run.json").read_text())

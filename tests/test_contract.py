@@ -32,8 +32,9 @@ def run(request):
     kwargs = dict(img_size=48, patch_size=8, depth=3, embed_dim=48, num_heads=3)
     torch.manual_seed(3)
     model = timm.create_model(request.param, pretrained=False, **kwargs).eval()
-    result = analyze(model, num_images=5, batch_size=2, sites=("embed", "mid", "block"),
-                     device="cpu")
+    result = analyze(
+        model, num_images=5, batch_size=2, sites=("embed", "mid", "block"), device="cpu"
+    )
     sd = {k: v.double().numpy() for k, v in model.state_dict().items()}
     images = open_images(None, 5)
     batches = list(iter_batches(images, eval_transform(model), 2))
@@ -46,8 +47,9 @@ def _reference(sd, pixels, num_prefix, kwargs):
     grid = (kwargs["img_size"] // kwargs["patch_size"],) * 2
     values = {}
     for image in pixels:
-        sites, attention = vit_forward(sd, image, patch=kwargs["patch_size"],
-                                       heads=kwargs["num_heads"], num_prefix=num_prefix)
+        sites, attention = vit_forward(
+            sd, image, patch=kwargs["patch_size"], heads=kwargs["num_heads"], num_prefix=num_prefix
+        )
         for (site, layer), x in sites.items():
             for name, fn in TOKEN.items():
                 values.setdefault((site, layer, None, name), []).append(fn(x, num_prefix, grid))
@@ -55,8 +57,10 @@ def _reference(sd, pixels, num_prefix, kwargs):
             for name, fn in ATTN.items():
                 if name == "attn_cross_layer_sim" and layer == 1:
                     continue
-                heads = [fn(a[h], attention[layer - 1][h] if layer > 1 else None)
-                         for h in range(a.shape[0])]
+                heads = [
+                    fn(a[h], attention[layer - 1][h] if layer > 1 else None)
+                    for h in range(a.shape[0])
+                ]
                 for h, value in enumerate(heads):
                     values.setdefault(("attn", layer, h, name), []).append(value)
                 values.setdefault(("attn", layer, -1, name), []).append(np.mean(heads, axis=0))
@@ -90,8 +94,9 @@ def test_every_spectra_row_matches_the_reference(run):
     bad = []
     for (site, layer, head, curve), values in expected.items():
         mean, std, n = _summary(values)
-        rows = spectra[(spectra["site"] == site) & (spectra["layer"] == layer)
-                       & (spectra["curve"] == curve)]
+        rows = spectra[
+            (spectra["site"] == site) & (spectra["layer"] == layer) & (spectra["curve"] == curve)
+        ]
         rows = rows[rows["head"].isna()] if head is None else rows[rows["head"] == head]
         rows = rows.sort_values("freq")
         assert rows["freq"].tolist() == list(range(len(mean)))

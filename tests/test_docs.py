@@ -24,4 +24,6 @@ def test_glossary_names_every_registered_metric():
 def test_metrics_command_lists_the_registry(capsys):
     assert main(["metrics", "attn_*"]) == 0
     out = capsys.readouterr().out
-    assert [line.split()[0] for line in out.splitlines()] == [s.name for s in list_metrics("attn_*")]
+    assert [line.split()[0] for line in out.splitlines()] == [
+        s.name for s in list_metrics("attn_*")
+    ]

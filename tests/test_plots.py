@@ -17,10 +17,18 @@ PACKAGE = Path(__file__).parents[1] / "vitspec"
 @pytest.fixture(scope="module")
 def result():
     torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32,
-                              patch_size=8, depth=3, embed_dim=32, num_heads=2)
-    r = analyze(model, images=list(synthetic_batches(3, 3, (32, 32))), device="cpu",
-                warn=lambda m: None)
+    model = timm.create_model(
+        "deit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=3,
+        embed_dim=32,
+        num_heads=2,
+    )
+    r = analyze(
+        model, images=list(synthetic_batches(3, 3, (32, 32))), device="cpu", warn=lambda m: None
+    )
     r.info["random_init"] = True
     return r
 

@@ -75,8 +75,16 @@ def lamb_keys(model):
 
 def save_released(model, path):
     """The layout of the authors' (DeiT) training script."""
-    torch.save({"model": model.state_dict(), "optimizer": {"state": {}}, "lr_scheduler": {},
-                "epoch": 299, "args": argparse.Namespace(model="attnscale_small_12")}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": {"state": {}},
+            "lr_scheduler": {},
+            "epoch": 299,
+            "args": argparse.Namespace(model="attnscale_small_12"),
+        },
+        path,
+    )
     return path
 
 
@@ -96,16 +104,23 @@ def test_zero_scales_give_the_baseline_logits(name, variant):
     with torch.no_grad():
         assert torch.allclose(scaled(x), base(x), rtol=0, atol=1e-6)
     if name == DEIT and variant != "single":  # the registered names, created from the same seed
-        reg = make("attnscale_small_12" if variant == "attnscale" else "featscale_small_12",
-                   depth=L)
+        reg = make(
+            "attnscale_small_12" if variant == "attnscale" else "featscale_small_12", depth=L
+        )
         reg.load_state_dict(base.state_dict(), strict=False)
         with torch.no_grad():
             assert torch.allclose(reg(x), base(x), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,base", [("attnscale_small_12", DEIT), ("featscale_small_12", DEIT),
-                                       ("attnscale_cait_xxs24_224", CAIT),
-                                       ("featscale_cait_xxs24_224", CAIT)])
+@pytest.mark.parametrize(
+    "name,base",
+    [
+        ("attnscale_small_12", DEIT),
+        ("featscale_small_12", DEIT),
+        ("attnscale_cait_xxs24_224", CAIT),
+        ("featscale_cait_xxs24_224", CAIT),
+    ],
+)
 def test_timm_weights_load_with_only_the_new_keys_missing(name, base):
     plain, scaled = make(base), make(name)
     missing, unexpected = scaled.load_state_dict(plain.state_dict(), strict=False)
@@ -118,9 +133,16 @@ def test_timm_weights_load_with_only_the_new_keys_missing(name, base):
 def _attention(model, x):
     """{layer: (pre-scale A, A')} as the model computes them."""
     pre, post = {}, {}
-    with torch.no_grad(), capture(get_adapter(model), sites=(), on_tokens=None,
-                                  on_attention=post.__setitem__,
-                                  on_pre_attention=pre.__setitem__):
+    with (
+        torch.no_grad(),
+        capture(
+            get_adapter(model),
+            sites=(),
+            on_tokens=None,
+            on_attention=post.__setitem__,
+            on_pre_attention=pre.__setitem__,
+        ),
+    ):
         model(x)
     return {layer: (pre.get(layer), post[layer]) for layer in post}
 
@@ -153,9 +175,13 @@ def test_parameter_overhead_is_LH_and_2LC(name):
     assert len(attn.state_dict()) == len(set(attn.state_dict()))  # no duplicate keys
 
 
+def dc(t):
+    return t.mean(dim=1, keepdim=True)
+
+
 def test_registered_names_have_the_paper_shapes_and_overheads():
     dims = {"small": (384, 6), "base": (768, 12), "cait_xxs24": (192, 4)}
-    for name, (base, depth, tech, form) in SCALED_MODELS.items():
+    for name, (_base, depth, tech, form) in SCALED_MODELS.items():
         model = timm.create_model(name, device="meta")
         size = "cait_xxs24" if "cait" in name else name.split("_")[1]
         dim, heads = dims[size]
@@ -181,7 +207,6 @@ def test_featscale_gains_on_a_blocks_output(doubled, name):
         if name == CAIT:
             msa = block.gamma_1 * msa  # layer scale commutes with FeatScale (per channel)
         branch = block(x) - x
-    dc = lambda t: t.mean(dim=1, keepdim=True)
     k = 2 if doubled else 1
     s, t = block.lamb1.detach(), block.lamb2.detach()
     assert torch.allclose(dc(branch), (1 + k * s) * dc(msa), atol=1e-6)
@@ -198,8 +223,16 @@ def test_scaled_modules_never_use_fused_attention_and_adding_is_idempotent():
     add_featscale(model, doubled=False)  # only the form changes
     assert techniques(model) == {"attnscale": True, "featscale": "single"}
     with pytest.raises(VitspecError, match="blocks.0.attn is .*supported: timm VisionTransformer"):
-        add_attnscale(timm.create_model("vit_relpos_small_patch16_224", depth=1, img_size=32,
-                                        patch_size=8, embed_dim=32, num_heads=2))
+        add_attnscale(
+            timm.create_model(
+                "vit_relpos_small_patch16_224",
+                depth=1,
+                img_size=32,
+                patch_size=8,
+                embed_dim=32,
+                num_heads=2,
+            )
+        )
     with pytest.raises(VitspecError, match="needs model.blocks"):
         add_featscale(torch.nn.Linear(2, 2))
 
@@ -229,8 +262,10 @@ def released(tmp_path_factory):
     root = tmp_path_factory.mktemp("released")
     attn = randomise_scales(make("attnscale_small_12", depth=L))
     feat = randomise_scales(make("featscale_small_12", depth=L))
-    return {"attn": (attn, save_released(attn, root / "attnscale_small_12.pth")),
-            "feat": (feat, save_released(feat, root / "featscale_small_12.pth"))}
+    return {
+        "attn": (attn, save_released(attn, root / "attnscale_small_12.pth")),
+        "feat": (feat, save_released(feat, root / "featscale_small_12.pth")),
+    }
 
 
 def _same_logits(a, b):
@@ -247,12 +282,21 @@ def test_released_checkpoints_load_strictly_and_analyse(released, tmp_path):
         assert loaded.provenance["unsafe_pickle_fallback"]  # the argparse.Namespace
         assert _same_logits(loaded.model, model)
     model, path = released["attn"]
-    result = analyze("attnscale_small_12", ckpt=path, model_kwargs=dict(TINY), images=images(2),
-                     metrics="hc_dc_ratio,attn_*", sites=["block"], device="cpu",
-                     warn=lambda m: None)
+    result = analyze(
+        "attnscale_small_12",
+        ckpt=path,
+        model_kwargs=dict(TINY),
+        images=images(2),
+        metrics="hc_dc_ratio,attn_*",
+        sites=["block"],
+        device="cpu",
+        warn=lambda m: None,
+    )
     m = result.metrics
     attn_names = {s.name for s in list_metrics("attn_*", kind="attn")}
-    assert set(m.loc[m["site"] == "attn", "metric"]) == attn_names | {f"pre_{n}" for n in attn_names}
+    assert set(m.loc[m["site"] == "attn", "metric"]) == attn_names | {
+        f"pre_{n}" for n in attn_names
+    }
     pre = m[m["metric"] == "pre_attn_hc_gain"]
     assert sorted(pre["layer"].unique()) == [1, 2, 3] and set(pre["head"]) == {-1, 0, 1}
     assert set(result.spectra["curve"]) == {"attn_spectrum", "pre_attn_spectrum"}
@@ -263,18 +307,23 @@ def test_released_checkpoints_load_strictly_and_analyse(released, tmp_path):
     titles = [ax.get_title() for ax in figures["attention"].axes if ax.get_visible()]
     assert set(titles[:4]) == attn_names
     assert titles[4:] == [f"pre_{t}" for t in titles[:4]]
-    assert "pre_attn_spectrum (attn, head mean)" in [ax.get_title()
-                                                      for ax in figures["spectra"].axes]
+    assert "pre_attn_spectrum (attn, head mean)" in [
+        ax.get_title() for ax in figures["spectra"].axes
+    ]
 
 
-@pytest.mark.parametrize("key,drop,shape,expect", [
-    ("attn", "blocks.1.attn.lamb", None, r"1 missing \(blocks\.1\.attn\.lamb\)"),
-    ("attn", None, ("blocks.2.attn.lamb", 3), r"blocks\.2\.attn\.lamb \[3\] vs model \[2\]"),
-    ("feat", "blocks.0.lamb2", None, r"1 missing \(blocks\.0\.lamb2\)"),
-    ("feat", None, ("blocks.1.lamb1", 7), r"blocks\.1\.lamb1 \[7\] vs model \[32\]"),
-])
-def test_missing_or_misshapen_lamb_is_refused_naming_the_key(released, tmp_path, key, drop,
-                                                             shape, expect):
+@pytest.mark.parametrize(
+    "key,drop,shape,expect",
+    [
+        ("attn", "blocks.1.attn.lamb", None, r"1 missing \(blocks\.1\.attn\.lamb\)"),
+        ("attn", None, ("blocks.2.attn.lamb", 3), r"blocks\.2\.attn\.lamb \[3\] vs model \[2\]"),
+        ("feat", "blocks.0.lamb2", None, r"1 missing \(blocks\.0\.lamb2\)"),
+        ("feat", None, ("blocks.1.lamb1", 7), r"blocks\.1\.lamb1 \[7\] vs model \[32\]"),
+    ],
+)
+def test_missing_or_misshapen_lamb_is_refused_naming_the_key(
+    released, tmp_path, key, drop, shape, expect
+):
     model, _ = released[key]
     sd = dict(model.state_dict())
     if drop:
@@ -293,7 +342,8 @@ def test_plain_names_detect_the_techniques_and_say_so(released, tmp_path):
     loaded = load_model(DEIT, ckpt=path, model_kwargs=dict(TINY))
     assert loaded.provenance["techniques_added"] == ["attnscale"]
     assert loaded.provenance["notes"] == [
-        f"checkpoint has AttnScale parameters (blocks.*.attn.lamb): added AttnScale to {DEIT}"]
+        f"checkpoint has AttnScale parameters (blocks.*.attn.lamb): added AttnScale to {DEIT}"
+    ]
     assert techniques(loaded.model)["attnscale"] and _same_logits(loaded.model, model)
 
     model, path = released["feat"]
@@ -303,8 +353,9 @@ def test_plain_names_detect_the_techniques_and_say_so(released, tmp_path):
     single = load_model(DEIT, ckpt=path, model_kwargs=dict(TINY), featscale_form="single")
     assert techniques(single.model)["featscale"] == "single"
     assert not _same_logits(single.model, model)
-    reg = load_model("featscale_small_12", ckpt=path, model_kwargs=dict(TINY),
-                     featscale_form="single")
+    reg = load_model(
+        "featscale_small_12", ckpt=path, model_kwargs=dict(TINY), featscale_form="single"
+    )
     assert techniques(reg.model)["featscale"] == "single"
     with pytest.raises(VitspecError, match="allowed: doubled, single"):
         load_model(DEIT, ckpt=path, model_kwargs=dict(TINY), featscale_form="twice")
@@ -314,8 +365,9 @@ def test_plain_names_detect_the_techniques_and_say_so(released, tmp_path):
     loaded = load_model(CAIT, ckpt=tmp_path / "cait.pth", model_kwargs=dict(TINY_CAIT))
     assert techniques(loaded.model)["featscale"] == "single" and _same_logits(loaded.model, cait)
 
-    args = build_parser().parse_args(["analyze", "attnscale_small_12", "--ckpt", str(path),
-                                      "--featscale-form", "single"])
+    args = build_parser().parse_args(
+        ["analyze", "attnscale_small_12", "--ckpt", str(path), "--featscale-form", "single"]
+    )
     assert args.featscale_form == "single"
 
 
@@ -334,8 +386,14 @@ def test_scaled_names_resolve_and_are_suggested():
 def test_tiny_cait_analyses_tokens_and_refuses_talking_heads_attention(name):
     warnings = []
     model = randomise_scales(make(name))
-    result = analyze(model, images=images(2), sites=["embed", "block"], device="cpu",
-                     metrics="hc_*,attn_entropy,attn_hc_gain", warn=warnings.append)
+    result = analyze(
+        model,
+        images=images(2),
+        sites=["embed", "block"],
+        device="cpu",
+        metrics="hc_*,attn_entropy,attn_hc_gain",
+        warn=warnings.append,
+    )
     m, info = result.metrics, result.info
     assert info["family"] == "cait" and info["num_prefix_tokens"] == 0 and info["depth"] == L
     assert sorted(m.loc[m["site"] == "block", "layer"].unique()) == [1, 2, 3]
@@ -343,7 +401,9 @@ def test_tiny_cait_analyses_tokens_and_refuses_talking_heads_attention(name):
     assert set(info["attention_refused"]) == {"1", "2", "3"}
     assert "not row-stochastic" in info["attention_refused"]["1"]
     scaled = name != CAIT
-    assert bool(info["pre_attention_refused"]) == scaled and info["techniques"]["attnscale"] == scaled
+    assert (
+        bool(info["pre_attention_refused"]) == scaled and info["techniques"]["attnscale"] == scaled
+    )
     assert sum("attention metrics skipped" in w for w in warnings) == L * (2 if scaled else 1)
     with pytest.raises(VitspecError, match="site 'mid' is not available for cait blocks"):
         analyze(model, images=images(1), sites=["mid"], device="cpu")
@@ -353,9 +413,25 @@ def test_cli_detects_the_techniques_and_prints_the_note(tmp_path, capsys):
     torch.manual_seed(0)  # full-size deit_tiny: the CLI has no model_kwargs
     model = add_featscale(add_attnscale(timm.create_model(DEIT, pretrained=False)), doubled=True)
     torch.save({"model": model.state_dict(), "epoch": 299}, tmp_path / "both.pth")
-    code = main(["analyze", "deit_tiny", "--ckpt", str(tmp_path / "both.pth"), "--num-images", "1",
-                 "--metrics", "hc_dc_ratio,attn_hc_gain", "--no-figures", "--device", "cpu",
-                 "--featscale-form", "single", "--out", str(tmp_path / "run")])
+    code = main(
+        [
+            "analyze",
+            "deit_tiny",
+            "--ckpt",
+            str(tmp_path / "both.pth"),
+            "--num-images",
+            "1",
+            "--metrics",
+            "hc_dc_ratio,attn_hc_gain",
+            "--no-figures",
+            "--device",
+            "cpu",
+            "--featscale-form",
+            "single",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0, err
     assert f"added AttnScale to {DEIT}" in err and "added FeatScale" in err and "single" in err

@@ -34,8 +34,10 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise VitspecError(f"unknown device {device!r}; allowed: auto, cpu, cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise VitspecError("--device cuda was asked for but CUDA is not available on this machine; "
-                           "use --device cpu or auto")
+        raise VitspecError(
+            "--device cuda was asked for but CUDA is not available on this machine; "
+            "use --device cpu or auto"
+        )
     return torch.device(device)
 
 
@@ -49,20 +51,44 @@ def select_metrics(patterns: str | Sequence[str] | None) -> list[MetricSpec]:
     chosen = [s for s in specs if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(s.name, p) for s in specs)]
     if unmatched or not chosen:
-        raise VitspecError(f"no metric matches {unmatched[0] if unmatched else patterns!r}; "
-                           f"allowed: {', '.join(s.name for s in specs)}")
+        raise VitspecError(
+            f"no metric matches {unmatched[0] if unmatched else patterns!r}; "
+            f"allowed: {', '.join(s.name for s in specs)}"
+        )
     return chosen
 
 
-def load(model: str | nn.Module, *, ckpt=None, random_init=False, seed=0, ema=False,
-         strict=True, model_kwargs=None, featscale_form=None) -> LoadedModel:
+def load(
+    model: str | nn.Module,
+    *,
+    ckpt=None,
+    random_init=False,
+    seed=0,
+    ema=False,
+    strict=True,
+    model_kwargs=None,
+    featscale_form=None,
+) -> LoadedModel:
     """A ``LoadedModel`` from a name (loading weights) or an in-memory module (used as is)."""
     if isinstance(model, nn.Module):
         name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
-        return LoadedModel(model=model.eval(), name=name, timm_name=name, checkpoint="in-memory",
-                           provenance={"source": "in-memory"})
-    return load_model(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema,
-                      strict=strict, model_kwargs=model_kwargs, featscale_form=featscale_form)
+        return LoadedModel(
+            model=model.eval(),
+            name=name,
+            timm_name=name,
+            checkpoint="in-memory",
+            provenance={"source": "in-memory"},
+        )
+    return load_model(
+        model,
+        ckpt=ckpt,
+        random_init=random_init,
+        seed=seed,
+        ema=ema,
+        strict=strict,
+        model_kwargs=model_kwargs,
+        featscale_form=featscale_form,
+    )
 
 
 def analyze(
@@ -126,8 +152,16 @@ def analyze(
     dev = resolve_device(device)
     if batch_size < 1:
         raise VitspecError(f"--batch-size must be >= 1, got {batch_size}")
-    loaded = load(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema, strict=strict,
-                  model_kwargs=model_kwargs, featscale_form=featscale_form)
+    loaded = load(
+        model,
+        ckpt=ckpt,
+        random_init=random_init,
+        seed=seed,
+        ema=ema,
+        strict=strict,
+        model_kwargs=model_kwargs,
+        featscale_form=featscale_form,
+    )
     for line in loaded.provenance.get("warnings", []):
         warn(line)
     net = loaded.model.eval()
@@ -148,11 +182,19 @@ def analyze(
     # On CPU the metrics run on a worker thread beside the forward pass (see vitspec.pipeline);
     # on CUDA the kernels are already asynchronous and run inline.
     with Pipeline(threads=1) if pipeline and dev.type == "cpu" else _Inline() as run:
-        with torch.inference_mode(), capture(
-            adapter, sites=sites, on_tokens=run.wrap(collector.on_tokens),
-            on_attention=run.wrap(collector.on_attention) if attention else None,
-            on_pre_attention=(run.wrap(collector.on_pre_attention)
-                              if attention and adapter.has_pre_attention else None),
+        with (
+            torch.inference_mode(),
+            capture(
+                adapter,
+                sites=sites,
+                on_tokens=run.wrap(collector.on_tokens),
+                on_attention=run.wrap(collector.on_attention) if attention else None,
+                on_pre_attention=(
+                    run.wrap(collector.on_pre_attention)
+                    if attention and adapter.has_pre_attention
+                    else None
+                ),
+            ),
         ):
             for batch in batches:
                 run.wrap(collector.start_batch)(adapter.grid(tuple(batch.shape[-2:])))
@@ -165,8 +207,9 @@ def analyze(
     wall = time.perf_counter() - start
     bar.close()
 
-    label = label or (Path(loaded.checkpoint).stem if loaded.checkpoint != "random-init"
-                      else "random-init")
+    label = label or (
+        Path(loaded.checkpoint).stem if loaded.checkpoint != "random-init" else "random-init"
+    )
     ids = {"run": f"{loaded.name}-{label}", "model": loaded.name, "checkpoint": loaded.checkpoint}
     kinds = {s.name: s.kind for s in specs}
     metric_rows, spectra_rows = collector.rows(kinds, adapter.depth, ids)
@@ -189,20 +232,25 @@ def analyze(
         "num_heads": collector.num_heads,
         "num_prefix_tokens": adapter.num_prefix,
         "grid": list(collector.grid),
-        "images": {"source": image_set.source if image_set else "tensors",
-                   "requested": num_images, "used": used,
-                   "skipped": image_set.skipped if image_set else [],
-                   "files": image_set.used if image_set else []},
+        "images": {
+            "source": image_set.source if image_set else "tensors",
+            "requested": num_images,
+            "used": used,
+            "skipped": image_set.skipped if image_set else [],
+            "files": image_set.used if image_set else [],
+        },
         "sites": list(sites),
         "metrics": [s.name for s in specs],
         "attention_refused": {str(k): v for k, v in collector.refused.items()},
         "pre_attention_refused": {str(k): v for k, v in collector.refused_pre.items()},
-        "attention_metrics_refused": {f"{name} layer {layer}": why for (layer, name), why
-                                      in collector.refused_metrics.items()},
+        "attention_metrics_refused": {
+            f"{name} layer {layer}": why for (layer, name), why in collector.refused_metrics.items()
+        },
         "techniques": techniques(net),
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
-        or platform.machine(),
+        "device_name": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else platform.processor() or platform.machine(),
         "dtype": "float32 forward, float64 metrics and accumulation",
         "batch_size": batch_size,
         "threads": torch.get_num_threads(),

@@ -30,8 +30,9 @@ def check_sites(sites) -> tuple[str, ...]:
     """
     unknown = [s for s in sites if s not in SITES]
     if unknown or not sites:
-        raise VitspecError(f"unknown site {unknown[0] if unknown else '(none)'!r}; "
-                           f"allowed: {', '.join(SITES)}")
+        raise VitspecError(
+            f"unknown site {unknown[0] if unknown else '(none)'!r}; allowed: {', '.join(SITES)}"
+        )
     return tuple(s for s in SITES if s in sites)
 
 
@@ -73,28 +74,40 @@ def capture(
                     module.fused_attn = False
         blocks = adapter.blocks
         if "embed" in sites:
-            handles.append(blocks[0].register_forward_pre_hook(
-                lambda _m, args: on_tokens("embed", 0, args[0])))
+            handles.append(
+                blocks[0].register_forward_pre_hook(lambda _m, args: on_tokens("embed", 0, args[0]))
+            )
         if "mid" in sites:
             if any(t is None for t in adapter.branch_taps):
-                raise VitspecError(f"site 'mid' is not available for {adapter.family} blocks; "
-                                   "use --sites embed,block")
+                raise VitspecError(
+                    f"site 'mid' is not available for {adapter.family} blocks; "
+                    "use --sites embed,block"
+                )
             for layer, (block, tap) in enumerate(zip(blocks, adapter.branch_taps), start=1):
                 handles += _mid_hooks(block, tap, layer, on_tokens)
         if "block" in sites:
             for layer, block in enumerate(blocks, start=1):
-                handles.append(block.register_forward_hook(
-                    lambda _m, _a, out, layer=layer: on_tokens("block", layer, out)))
+                handles.append(
+                    block.register_forward_hook(
+                        lambda _m, _a, out, layer=layer: on_tokens("block", layer, out)
+                    )
+                )
         if on_attention is not None:
             for layer, tap in enumerate(adapter.attn_taps, start=1):
                 if tap is not None:
-                    handles.append(tap.register_forward_pre_hook(
-                        lambda _m, args, layer=layer: on_attention(layer, args[0])))
+                    handles.append(
+                        tap.register_forward_pre_hook(
+                            lambda _m, args, layer=layer: on_attention(layer, args[0])
+                        )
+                    )
         if on_pre_attention is not None:
             for layer, tap in enumerate(adapter.pre_attn_taps, start=1):
                 if tap is not None:
-                    handles.append(tap.register_forward_pre_hook(
-                        lambda _m, args, layer=layer: on_pre_attention(layer, args[0])))
+                    handles.append(
+                        tap.register_forward_pre_hook(
+                            lambda _m, args, layer=layer: on_pre_attention(layer, args[0])
+                        )
+                    )
         if on_attn_branch is not None:
             handles += _branch_hooks(adapter, on_attn_branch)
         yield
@@ -106,7 +119,7 @@ def capture(
 
 
 def _mid_hooks(block, tap, layer: int, on_tokens: TokenCallback) -> list:
-    """Hooks giving ``x + attn_branch(x)``: the block input is held only until the branch returns."""
+    """Hooks giving ``x + attn_branch(x)``; the block input is held only until the branch is out."""
     held: dict[str, Tensor] = {}
 
     def keep_input(_m, args):
@@ -123,10 +136,16 @@ def _branch_hooks(adapter: Adapter, on_attn_branch: BranchCallback) -> list:
     handles = []
     for layer, module in enumerate(adapter.attn_modules, start=1):
         if module is not None:
-            handles.append(module.register_forward_pre_hook(
-                lambda _m, args, layer=layer: on_attn_branch("input", layer, args[0])))
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda _m, args, layer=layer: on_attn_branch("input", layer, args[0])
+                )
+            )
     for layer, tap in enumerate(adapter.branch_taps, start=1):
         if tap is not None:
-            handles.append(tap.register_forward_hook(
-                lambda _m, _a, out, layer=layer: on_attn_branch("output", layer, out)))
+            handles.append(
+                tap.register_forward_hook(
+                    lambda _m, _a, out, layer=layer: on_attn_branch("output", layer, out)
+                )
+            )
     return handles

@@ -13,37 +13,64 @@ def _analyze(args: argparse.Namespace) -> int:
     from vitspec.analysis import analyze
     from vitspec.results import check_out_dir
 
-    label = args.label or (Path(args.ckpt).stem if args.ckpt else
-                           "random-init" if args.random_init else "pretrained")
+    label = args.label or (
+        Path(args.ckpt).stem if args.ckpt else "random-init" if args.random_init else "pretrained"
+    )
     out = Path(args.out or f"runs/{args.model}-{label}")
     check_out_dir(out, args.overwrite)  # before the work, not after it
     if args.random_init:
-        _say(args, f"analysing {args.model} with RANDOM weights (seed {args.seed}): "
-                   "the numbers describe an untrained network")
+        _say(
+            args,
+            f"analysing {args.model} with RANDOM weights (seed {args.seed}): "
+            "the numbers describe an untrained network",
+        )
     result = analyze(
-        args.model, ckpt=args.ckpt, random_init=args.random_init, seed=args.seed, ema=args.ema,
-        strict=not args.non_strict, images=args.images, num_images=args.num_images,
-        sites=[s.strip() for s in args.sites.split(",") if s.strip()], metrics=args.metrics,
-        batch_size=args.batch_size, device=args.device, label=label,
-        progress=not args.quiet and sys.stderr.isatty(), featscale_form=args.featscale_form,
+        args.model,
+        ckpt=args.ckpt,
+        random_init=args.random_init,
+        seed=args.seed,
+        ema=args.ema,
+        strict=not args.non_strict,
+        images=args.images,
+        num_images=args.num_images,
+        sites=[s.strip() for s in args.sites.split(",") if s.strip()],
+        metrics=args.metrics,
+        batch_size=args.batch_size,
+        device=args.device,
+        label=label,
+        progress=not args.quiet and sys.stderr.isatty(),
+        featscale_form=args.featscale_form,
     )
     result.save(out, overwrite=args.overwrite, figures=not args.no_figures)
     info = result.info
     for note in info.get("weights", {}).get("notes", []):
         _say(args, note)
-    _say(args, f"{info['images']['used']} images, {info['images_per_s']} img/s on {info['device']}"
-               f" -> {out}/ (metrics.csv, spectra.csv, run.json"
-               f"{', figures' if not args.no_figures else ''})")
+    _say(
+        args,
+        f"{info['images']['used']} images, {info['images_per_s']} img/s on {info['device']}"
+        f" -> {out}/ (metrics.csv, spectra.csv, run.json"
+        f"{', figures' if not args.no_figures else ''})",
+    )
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
     from vitspec.comparison import compare
 
-    result = compare(args.run_dirs, args.out, metrics=args.metrics, site=args.site, x=args.x,
-                     labels=args.labels, overwrite=args.overwrite)
-    _say(args, f"{len(result.labels)} runs, {len(result.metrics)} metrics, x = {result.info['x']}"
-               f" -> {args.out}/ (compare.png, compare.pdf, differences.csv, compare.json)")
+    result = compare(
+        args.run_dirs,
+        args.out,
+        metrics=args.metrics,
+        site=args.site,
+        x=args.x,
+        labels=args.labels,
+        overwrite=args.overwrite,
+    )
+    _say(
+        args,
+        f"{len(result.labels)} runs, {len(result.metrics)} metrics, x = {result.info['x']}"
+        f" -> {args.out}/ (compare.png, compare.pdf, differences.csv, compare.json)",
+    )
     return 0
 
 
@@ -64,27 +91,46 @@ def _say(args: argparse.Namespace, message: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vitspec", description="Fourier-domain oversmoothing measures for Vision Transformers.")
+        prog="vitspec", description="Fourier-domain oversmoothing measures for Vision Transformers."
+    )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("analyze", help="stream every metric of a timm ViT into a run directory",
-                       description="Capture per-layer tokens and attention of a timm ViT on images "
-                                   "and write metrics.csv, spectra.csv, run.json and figures.")
-    p.add_argument("model", help="timm model name or alias (deit_tiny, deit_small, deit_base, "
-                                 "deit_small_distilled, vit_tiny, vit_small, vit_base)")
+    p = sub.add_parser(
+        "analyze",
+        help="stream every metric of a timm ViT into a run directory",
+        description="Capture per-layer tokens and attention of a timm ViT on images "
+        "and write metrics.csv, spectra.csv, run.json and figures.",
+    )
+    p.add_argument(
+        "model",
+        help="timm model name or alias (deit_tiny, deit_small, deit_base, "
+        "deit_small_distilled, vit_tiny, vit_small, vit_base)",
+    )
     _add_weights(p)
-    p.add_argument("--featscale-form", choices=("doubled", "single"), default=None,
-                   help="FeatScale form for a checkpoint with blocks.*.lamb1/lamb2: doubled "
-                        "(released DeiT code, gains 1+2s/1+2t) or single (default: doubled for "
-                        "DeiT/ViT, single for CaiT; registered names keep their own)")
-    p.add_argument("--images", metavar="DIR", help="image folder, searched recursively "
-                                                   "(default: the bundled sample photographs)")
+    p.add_argument(
+        "--featscale-form",
+        choices=("doubled", "single"),
+        default=None,
+        help="FeatScale form for a checkpoint with blocks.*.lamb1/lamb2: doubled "
+        "(released DeiT code, gains 1+2s/1+2t) or single (default: doubled for "
+        "DeiT/ViT, single for CaiT; registered names keep their own)",
+    )
+    p.add_argument(
+        "--images",
+        metavar="DIR",
+        help="image folder, searched recursively (default: the bundled sample photographs)",
+    )
     p.add_argument("--num-images", type=int, metavar="N", help="first N readable images, sorted")
-    p.add_argument("--sites", default="embed,block", help="token sites: embed,mid,block "
-                                                          "(default: embed,block)")
-    p.add_argument("--metrics", default=None, metavar="PATTERNS",
-                   help="comma-separated metric name patterns, e.g. 'hc_*,attn_entropy' (default: all)")
+    p.add_argument(
+        "--sites", default="embed,block", help="token sites: embed,mid,block (default: embed,block)"
+    )
+    p.add_argument(
+        "--metrics",
+        default=None,
+        metavar="PATTERNS",
+        help="comma-separated metric name patterns, e.g. 'hc_*,attn_entropy' (default: all)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<model>-<label>)")
@@ -94,23 +140,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_analyze)
 
-    p = sub.add_parser("compare", help="overlay the same metrics from several run directories",
-                       description="Overlay metrics of several runs (mean +/- sd against layer or "
-                                   "normalised depth) and tabulate per-layer differences against "
-                                   "the first run.")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                   help="run directories written by 'vitspec analyze'; the first is the reference")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="output directory: compare.png/.pdf, differences.csv, compare.json")
-    p.add_argument("--metrics", default=None, metavar="NAMES",
-                   help="comma-separated metric names or patterns (default: every token metric at "
-                        "--site and attention head mean shared by all runs, patch_cos_abs first)")
-    p.add_argument("--site", default="block", help="token site: embed, mid or block (default block)")
-    p.add_argument("--x", choices=["layer", "depth"], default=None,
-                   help="x axis (default: depth = layer / L when the runs' depths differ, else "
-                        "layer)")
-    p.add_argument("--labels", default=None, metavar="A,B,...",
-                   help="one label per run (default: each run.json's run name)")
+    p = sub.add_parser(
+        "compare",
+        help="overlay the same metrics from several run directories",
+        description="Overlay metrics of several runs (mean +/- sd against layer or "
+        "normalised depth) and tabulate per-layer differences against "
+        "the first run.",
+    )
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directories written by 'vitspec analyze'; the first is the reference",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output directory: compare.png/.pdf, differences.csv, compare.json",
+    )
+    p.add_argument(
+        "--metrics",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated metric names or patterns (default: every token metric at "
+        "--site and attention head mean shared by all runs, patch_cos_abs first)",
+    )
+    p.add_argument(
+        "--site", default="block", help="token site: embed, mid or block (default block)"
+    )
+    p.add_argument(
+        "--x",
+        choices=["layer", "depth"],
+        default=None,
+        help="x axis (default: depth = layer / L when the runs' depths differ, else layer)",
+    )
+    p.add_argument(
+        "--labels",
+        default=None,
+        metavar="A,B,...",
+        help="one label per run (default: each run.json's run name)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     _add_common(p)
     p.set_defaults(func=_compare)
@@ -125,12 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_weights(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("weights")
     w = g.add_mutually_exclusive_group()
-    w.add_argument("--ckpt", metavar="FILE", help="local checkpoint (.pth, .pt, .bin, .safetensors)")
-    w.add_argument("--random-init", action="store_true", help="random weights (every output says so)")
+    w.add_argument(
+        "--ckpt", metavar="FILE", help="local checkpoint (.pth, .pt, .bin, .safetensors)"
+    )
+    w.add_argument(
+        "--random-init", action="store_true", help="random weights (every output says so)"
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for --random-init (default 0)")
     g.add_argument("--ema", action="store_true", help="load model_ema from a training checkpoint")
-    g.add_argument("--non-strict", action="store_true",
-                   help="load despite missing/unexpected keys (recorded in run.json)")
+    g.add_argument(
+        "--non-strict",
+        action="store_true",
+        help="load despite missing/unexpected keys (recorded in run.json)",
+    )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -57,8 +57,10 @@ class Collector:
         _check_finite(tokens, f"layer {layer} {site} tokens")
         n_tokens = self.num_prefix + self.grid[0] * self.grid[1]
         if tokens.shape[1] != n_tokens:
-            raise VitspecError(f"{site} layer {layer} has {tokens.shape[1]} tokens, expected "
-                               f"{self.num_prefix} prefix + {self.grid[0]}x{self.grid[1]} patches")
+            raise VitspecError(
+                f"{site} layer {layer} has {tokens.shape[1]} tokens, expected "
+                f"{self.num_prefix} prefix + {self.grid[0]}x{self.grid[1]} patches"
+            )
         view = TokenView(tokens, self.num_prefix, self.grid)  # shared intermediates, this site only
         for spec in self.token_specs:
             self._update((site, layer, None, spec.name), spec.fn(view, self.num_prefix, self.grid))
@@ -70,19 +72,30 @@ class Collector:
         """The pre-scale attention ``A`` of an AttnScale block: rows named ``pre_<metric>``."""
         self._pre_prev = self._attention(layer, attn, PRE, self.refused_pre, self._pre_prev)
 
-    def _attention(self, layer: int, attn: Tensor, prefix: str, refused: dict[int, str],
-                   prev_state: tuple[int, AttnView] | None) -> tuple[int, AttnView] | None:
+    def _attention(
+        self,
+        layer: int,
+        attn: Tensor,
+        prefix: str,
+        refused: dict[int, str],
+        prev_state: tuple[int, AttnView] | None,
+    ) -> tuple[int, AttnView] | None:
         """Update ``prefix + name`` moments; return the new previous-layer state."""
         if layer in refused:
             return prev_state
-        what = "pre-scale attention (blocks.{}.attn.attn_scale)" if prefix else \
-            "attention (blocks.{}.attn)"
+        what = (
+            "pre-scale attention (blocks.{}.attn.attn_scale)"
+            if prefix
+            else "attention (blocks.{}.attn)"
+        )
         _check_finite(attn, f"layer {layer} {what.format(layer - 1)}")
         n_tokens = self.num_prefix + self.grid[0] * self.grid[1]
         prev = prev_state[1] if prev_state is not None and prev_state[0] == layer - 1 else None
         problem, signed = None, False
         if attn.dim() != 4 or attn.shape[-1] != n_tokens or attn.shape[-2] != n_tokens:
-            problem = f"its output has shape {tuple(attn.shape)}, not [B, H, {n_tokens}, {n_tokens}]"
+            problem = (
+                f"its output has shape {tuple(attn.shape)}, not [B, H, {n_tokens}, {n_tokens}]"
+            )
         else:
             view = AttnView(attn, prev)  # intermediates shared by this layer's metrics
             if not view.rows_sum_to_one(atol=1e-4):
@@ -92,17 +105,23 @@ class Collector:
         if problem is not None:
             refused[layer] = problem
             names = {prefix + s.name for s in self.attn_specs}
-            self.moments = {k: v for k, v in self.moments.items()
-                            if not (k[0] == "attn" and k[1] == layer and k[3] in names)}
-            self.warn(f"block {layer}: {'pre-scale ' if prefix else ''}attention metrics "
-                      f"skipped: {problem}")
+            self.moments = {
+                k: v
+                for k, v in self.moments.items()
+                if not (k[0] == "attn" and k[1] == layer and k[3] in names)
+            }
+            self.warn(
+                f"block {layer}: {'pre-scale ' if prefix else ''}attention metrics "
+                f"skipped: {problem}"
+            )
             return None
         self.num_heads = attn.shape[1]
         for spec in self.attn_specs:
             if spec.needs_prev and prev is None:
                 continue
-            if spec.needs_nonnegative and (signed or (layer, prefix + spec.name)
-                                           in self.refused_metrics):
+            if spec.needs_nonnegative and (
+                signed or (layer, prefix + spec.name) in self.refused_metrics
+            ):
                 self._refuse_metric(layer, prefix + spec.name)
                 continue
             values = spec.fn(view, prev)
@@ -115,11 +134,16 @@ class Collector:
         """Skip one metric that needs A >= 0 at ``layer`` for the whole run (once warned)."""
         if (layer, name) in self.refused_metrics:
             return
-        reason = ("the attention has negative entries (its rows sum to 1: AttnScale with "
-                  "w > 0 makes A' = J + (1 + w)(A - J) negative where A < w / ((1 + w) N))")
+        reason = (
+            "the attention has negative entries (its rows sum to 1: AttnScale with "
+            "w > 0 makes A' = J + (1 + w)(A - J) negative where A < w / ((1 + w) N))"
+        )
         self.refused_metrics[(layer, name)] = reason
-        self.moments = {k: v for k, v in self.moments.items()
-                        if not (k[0] == "attn" and k[1] == layer and k[3] == name)}
+        self.moments = {
+            k: v
+            for k, v in self.moments.items()
+            if not (k[0] == "attn" and k[1] == layer and k[3] == name)
+        }
         self.warn(f"block {layer}: {name} skipped: {reason}")
 
     def _update(self, key: tuple, values: Tensor) -> None:
@@ -146,7 +170,13 @@ class Collector:
         def sort_key(item):
             (site, layer, head, name), _ = item
             head_rank = -2 if head is None else (-1 if head == -1 else 0)
-            return SITE_ORDER[site], layer, head_rank, name != unprefixed(name), order[unprefixed(name)]
+            return (
+                SITE_ORDER[site],
+                layer,
+                head_rank,
+                name != unprefixed(name),
+                order[unprefixed(name)],
+            )
 
         for (site, layer, head, name), moments in sorted(self.moments.items(), key=sort_key):
             mean, std, n = moments.compute()
@@ -156,15 +186,36 @@ class Collector:
                 base = {**ids, "site": site, "layer": layer}
                 if kinds[unprefixed(name)].endswith("curve"):
                     for freq, (mf, sf) in enumerate(zip(m.tolist(), s.tolist())):
-                        spectra_rows.append({**base, "head": h, "curve": name, "freq": freq,
-                                             "mean": mf, "std": sf, "n": n})
+                        spectra_rows.append(
+                            {
+                                **base,
+                                "head": h,
+                                "curve": name,
+                                "freq": freq,
+                                "mean": mf,
+                                "std": sf,
+                                "n": n,
+                            }
+                        )
                 else:
-                    metric_rows.append({**base, "depth": layer / depth, "head": h, "metric": name,
-                                        "mean": float(m), "std": float(s), "n": n})
+                    metric_rows.append(
+                        {
+                            **base,
+                            "depth": layer / depth,
+                            "head": h,
+                            "metric": name,
+                            "mean": float(m),
+                            "std": float(s),
+                            "n": n,
+                        }
+                    )
         return metric_rows, spectra_rows
 
 
 def _check_finite(x: Tensor, where: str) -> None:
     if not torch.isfinite(x).all():
-        raise VitspecError(f"NaN or Inf in the {where}: the model's activations are not finite "
-                           "(check the checkpoint and input scaling)", exit_code=1)
+        raise VitspecError(
+            f"NaN or Inf in the {where}: the model's activations are not finite "
+            "(check the checkpoint and input scaling)",
+            exit_code=1,
+        )

@@ -295,7 +295,7 @@ def _unwrap(obj: Any, path: Path, ema: bool) -> tuple[dict[str, Tensor], str, st
             "'model'/'state_dict'"
         )
     if ema:
-        for regular, ema_key, fmt in _WRAPPERS:
+        for _regular, ema_key, fmt in _WRAPPERS:
             if ema_key in obj:
                 sd = _as_tensor_dict(obj[ema_key])
                 if sd is None:
@@ -617,22 +617,31 @@ def _add_techniques(model, sd, timm_name: str, form: str | None, provenance: dic
         if not have["attnscale"] and any(_ATTNSCALE_KEY.fullmatch(k) for k in sd):
             scaling.add_attnscale(model)
             added.append("attnscale")
-            notes.append("checkpoint has AttnScale parameters (blocks.*.attn.lamb): added "
-                         f"AttnScale to {timm_name}")
+            notes.append(
+                "checkpoint has AttnScale parameters (blocks.*.attn.lamb): added "
+                f"AttnScale to {timm_name}"
+            )
         if have["featscale"] is None and any(_FEATSCALE_KEY.fullmatch(k) for k in sd):
             chosen = form or scaling.default_featscale_form(model)
             scaling.add_featscale(model, doubled=chosen == "doubled")
             added.append("featscale")
-            gains = ("gains 1+2s, 1+2t as the released DeiT code" if chosen == "doubled"
-                     else "gains 1+s, 1+t")
-            notes.append("checkpoint has FeatScale parameters (blocks.*.lamb1/lamb2): added "
-                         f"FeatScale to {timm_name}, {chosen} form ({gains}"
-                         f"{'' if form else '; --featscale-form to change'})")
+            gains = (
+                "gains 1+2s, 1+2t as the released DeiT code"
+                if chosen == "doubled"
+                else "gains 1+s, 1+t"
+            )
+            notes.append(
+                "checkpoint has FeatScale parameters (blocks.*.lamb1/lamb2): added "
+                f"FeatScale to {timm_name}, {chosen} form ({gains}"
+                f"{'' if form else '; --featscale-form to change'})"
+            )
             return
     except VitspecError as err:
         raise VitspecError(f"checkpoint has AttnScale/FeatScale parameters but {err}") from None
     if form is not None and have["featscale"] is not None:
         scaling.add_featscale(model, doubled=form == "doubled")
     elif form is not None:
-        provenance["warnings"].append(f"featscale_form={form!r} ignored: {timm_name} has no "
-                                      "FeatScale and the checkpoint no blocks.*.lamb1/lamb2")
+        provenance["warnings"].append(
+            f"featscale_form={form!r} ignored: {timm_name} has no "
+            "FeatScale and the checkpoint no blocks.*.lamb1/lamb2"
+        )

@@ -16,10 +16,32 @@ import pandas as pd
 
 from vitspec.errors import VitspecError
 
-METRIC_COLUMNS = ["run", "model", "checkpoint", "site", "layer", "depth", "head", "metric",
-                  "mean", "std", "n"]
-SPECTRA_COLUMNS = ["run", "model", "checkpoint", "site", "layer", "head", "curve", "freq",
-                   "mean", "std", "n"]
+METRIC_COLUMNS = [
+    "run",
+    "model",
+    "checkpoint",
+    "site",
+    "layer",
+    "depth",
+    "head",
+    "metric",
+    "mean",
+    "std",
+    "n",
+]
+SPECTRA_COLUMNS = [
+    "run",
+    "model",
+    "checkpoint",
+    "site",
+    "layer",
+    "head",
+    "curve",
+    "freq",
+    "mean",
+    "std",
+    "n",
+]
 FILES = ("metrics.csv", "spectra.csv", "run.json")
 
 
@@ -89,12 +111,16 @@ class Result:
         run_dir = Path(run_dir)
         missing = [f for f in FILES if not (run_dir / f).is_file()]
         if missing:
-            raise VitspecError(f"{run_dir} is not a vitspec run directory (missing {', '.join(missing)})")
+            raise VitspecError(
+                f"{run_dir} is not a vitspec run directory (missing {', '.join(missing)})"
+            )
         dtypes = {"head": "Int64"}
-        metrics = pd.read_csv(run_dir / "metrics.csv", dtype=dtypes, keep_default_na=False,
-                              na_values=[""])
-        spectra = pd.read_csv(run_dir / "spectra.csv", dtype=dtypes, keep_default_na=False,
-                              na_values=[""])
+        metrics = pd.read_csv(
+            run_dir / "metrics.csv", dtype=dtypes, keep_default_na=False, na_values=[""]
+        )
+        spectra = pd.read_csv(
+            run_dir / "spectra.csv", dtype=dtypes, keep_default_na=False, na_values=[""]
+        )
         info = json.loads((run_dir / "run.json").read_text())
         return cls(metrics=metrics, spectra=spectra, info=info)
 

@@ -102,10 +102,14 @@ class FeatScale(nn.Module):
 class AttnScaleAttention(Attention):
     """timm ``Attention`` with AttnScale: the explicit (non-SDPA) path plus ``attn_scale``."""
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> Tensor:
         if attn_mask is not None or is_causal:
-            raise VitspecError("AttnScale is defined for unmasked self-attention (J averages all "
-                               "N tokens); attn_mask / is_causal are not supported")
+            raise VitspecError(
+                "AttnScale is defined for unmasked self-attention (J averages all "
+                "N tokens); attn_mask / is_causal are not supported"
+            )
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -144,9 +148,11 @@ class AttnScaleTalkingHeadAttn(TalkingHeadAttn):
 
 
 class FeatScaleBlock(Block):
-    """timm ViT ``Block`` with FeatScale on the attention branch (before ``ls1``, which commutes)."""
+    """timm ViT ``Block`` with FeatScale on the attention branch (before ``ls1``; they commute)."""
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> Tensor:
         x_attn = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
         x = x + self.drop_path1(self.ls1(self.feat_scale(x_attn, self.lamb1, self.lamb2)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -166,15 +172,18 @@ class FeatScaleLayerScaleBlock(LayerScaleBlock):
 # plain timm class -> scaled subclass (exact types only: a subclass may override forward)
 _ATTN = {Attention: AttnScaleAttention, TalkingHeadAttn: AttnScaleTalkingHeadAttn}
 _BLOCK = {Block: FeatScaleBlock, LayerScaleBlock: FeatScaleLayerScaleBlock}
-_SUPPORTED = ("timm VisionTransformer / DeiT (Block with Attention) and CaiT (LayerScaleBlock "
-              "with TalkingHeadAttn)")
+_SUPPORTED = (
+    "timm VisionTransformer / DeiT (Block with Attention) and CaiT (LayerScaleBlock "
+    "with TalkingHeadAttn)"
+)
 
 
 def _blocks(model: nn.Module, what: str) -> list[nn.Module]:
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
-        raise VitspecError(f"{what} needs model.blocks; supported: {_SUPPORTED}, not "
-                           f"{type(model).__name__}")
+        raise VitspecError(
+            f"{what} needs model.blocks; supported: {_SUPPORTED}, not {type(model).__name__}"
+        )
     return list(blocks)
 
 
@@ -205,8 +214,9 @@ def add_attnscale(model: nn.Module) -> nn.Module:
             continue
         scaled = _ATTN.get(type(attn))
         if scaled is None:
-            raise VitspecError(f"add_attnscale: blocks.{i}.attn is {type(attn).__name__}; "
-                               f"supported: {_SUPPORTED}")
+            raise VitspecError(
+                f"add_attnscale: blocks.{i}.attn is {type(attn).__name__}; supported: {_SUPPORTED}"
+            )
         attn.__class__ = scaled
         attn.lamb = _param_like(attn.proj.weight, attn.num_heads)
         attn.attn_scale = AttnScale()
@@ -239,8 +249,9 @@ def add_featscale(model: nn.Module, *, doubled: bool = False) -> nn.Module:
             continue
         scaled = _BLOCK.get(type(block))
         if scaled is None:
-            raise VitspecError(f"add_featscale: blocks.{i} is {type(block).__name__}; "
-                               f"supported: {_SUPPORTED}")
+            raise VitspecError(
+                f"add_featscale: blocks.{i} is {type(block).__name__}; supported: {_SUPPORTED}"
+            )
         dim = block.norm1.weight.shape[0]
         block.__class__ = scaled
         block.lamb1 = _param_like(block.norm1.weight, dim)
@@ -261,8 +272,9 @@ def techniques(model: nn.Module) -> dict:
         {'attnscale': False, 'featscale': None}
     """
     attn = any(isinstance(m, AttnScale) for m in model.modules())
-    forms = {"doubled" if m.doubled else "single" for m in model.modules()
-             if isinstance(m, FeatScale)}
+    forms = {
+        "doubled" if m.doubled else "single" for m in model.modules() if isinstance(m, FeatScale)
+    }
     feat = None if not forms else forms.pop() if len(forms) == 1 else "mixed"
     return {"attnscale": attn, "featscale": feat}
 
@@ -278,7 +290,9 @@ def default_featscale_form(model: nn.Module) -> str:
 def check_featscale_form(form: str | None) -> str | None:
     """Validate a ``featscale_form`` argument (None = the family's default)."""
     if form is not None and form not in FEATSCALE_FORMS:
-        raise VitspecError(f"unknown featscale form {form!r}; allowed: {', '.join(FEATSCALE_FORMS)}")
+        raise VitspecError(
+            f"unknown featscale form {form!r}; allowed: {', '.join(FEATSCALE_FORMS)}"
+        )
     return form
 
 
@@ -286,9 +300,17 @@ def check_featscale_form(form: str | None) -> str | None:
 
 #: registered name -> (timm base model, depth, technique, default FeatScale form)
 SCALED_MODELS: dict[str, tuple[str, int, str, str | None]] = {
-    **{f"{tech}_{size}_{depth}": (f"deit_{size}_patch16_224", depth, tech,
-                                  "doubled" if tech == "featscale" else None)
-       for tech in ("attnscale", "featscale") for size in ("small", "base") for depth in (12, 24)},
+    **{
+        f"{tech}_{size}_{depth}": (
+            f"deit_{size}_patch16_224",
+            depth,
+            tech,
+            "doubled" if tech == "featscale" else None,
+        )
+        for tech in ("attnscale", "featscale")
+        for size in ("small", "base")
+        for depth in (12, 24)
+    },
     "attnscale_cait_xxs24_224": ("cait_xxs24_224", 24, "attnscale", None),
     "featscale_cait_xxs24_224": ("cait_xxs24_224", 24, "featscale", "single"),
 }
@@ -297,26 +319,39 @@ SCALED_MODELS: dict[str, tuple[str, int, str, str | None]] = {
 def _entrypoint(name: str, base: str, depth: int, tech: str, form: str | None) -> Callable:
     def create(pretrained: bool = False, **kwargs) -> nn.Module:
         if pretrained:
-            raise VitspecError(f"{name} has no downloadable weights: create it with "
-                               "pretrained=False and load a checkpoint (vitspec --ckpt FILE)")
+            raise VitspecError(
+                f"{name} has no downloadable weights: create it with "
+                "pretrained=False and load a checkpoint (vitspec --ckpt FILE)"
+            )
         featscale_form = check_featscale_form(kwargs.pop("featscale_form", None)) or form
-        kwargs = {k: v for k, v in kwargs.items()
-                  if v is not None or k not in ("pretrained_cfg", "pretrained_cfg_overlay",
-                                                 "cache_dir")}
+        kwargs = {
+            k: v
+            for k, v in kwargs.items()
+            if v is not None or k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+        }
         model = timm.create_model(base, pretrained=False, **{"depth": depth, **kwargs})
         if tech == "attnscale":
             add_attnscale(model)
         else:
             add_featscale(model, doubled=featscale_form == "doubled")
         # keep the base's eval preprocessing, but never point at the base's (unscaled) weights
-        cfg = {**getattr(model, "pretrained_cfg", {}), "architecture": name, "tag": None,
-               "hf_hub_id": None, "url": None, "file": None}
+        cfg = {
+            **getattr(model, "pretrained_cfg", {}),
+            "architecture": name,
+            "tag": None,
+            "hf_hub_id": None,
+            "url": None,
+            "file": None,
+        }
         model.pretrained_cfg = model.default_cfg = cfg
         return model
 
     create.__name__ = create.__qualname__ = name
-    create.__doc__ = (f"{base} (depth {depth} by default) with {tech}"
-                      + (f" ({form} form)" if form else "") + ", all scales 0; Wang et al. 2022.")
+    create.__doc__ = (
+        f"{base} (depth {depth} by default) with {tech}"
+        + (f" ({form} form)" if form else "")
+        + ", all scales 0; Wang et al. 2022."
+    )
     return register_model(create)
 
 

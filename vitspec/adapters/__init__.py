@@ -16,7 +16,7 @@ _FAMILIES = (cait, vit)  # cait first: vit.match would also accept a Cait, with 
 
 
 def get_adapter(model: nn.Module, name: str | None = None) -> Adapter:
-    """Return the adapter for ``model``, or raise a one-line error for models without attention blocks.
+    """The adapter for ``model``; a one-line error for models without attention blocks.
 
     Example:
         >>> import timm

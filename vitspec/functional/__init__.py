@@ -2,8 +2,9 @@
 
 Token metrics: ``fn(tokens [B, N, C], num_prefix, grid) -> [B]`` (curves ``[B, K]``).
 Attention metrics: ``fn(attn [B, H, N, N], prev) -> [B, H]`` (curve ``[B, H, N]``).
-``tokens`` / ``attn`` / ``prev`` may also be a :class:`TokenView` / :class:`AttnView`, which computes
-the intermediates several metrics share (centred tokens, unit columns, Gram matrices) once.
+``tokens`` / ``attn`` / ``prev`` may also be a :class:`TokenView` / :class:`AttnView`, which
+computes the intermediates several metrics share (centred tokens, unit columns, Gram matrices)
+once.
 No hooks, files or pandas here; the registry lives in :mod:`vitspec.metrics`.
 """
 

@@ -223,4 +223,3 @@ def attn_spectrum(attn: Attn, prev: Prev = None) -> Tensor:
     dc = v.a.mean(dim=-2).to(torch.float64).square().sum(dim=-1, keepdim=True) * n
     mirrored = energy[..., :half].flip(-1)  # k = n-half..n-1 mirror k = half..1
     return torch.cat([dc, energy, mirrored], dim=-1).sqrt()
-

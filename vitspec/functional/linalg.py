@@ -153,8 +153,11 @@ def _lanczos_rows(m: Tensor, centre: bool):
         keep = b_j > 100 * eps * w_norm
         b_j = b_j * keep
         nxt = w * (keep / b_j.clamp_min(tiny))[:, None, None]
-        return (torch.cat([basis, nxt], dim=1), torch.cat([alpha, a_j[:, None]], dim=1),
-                torch.cat([beta, b_j[:, None]], dim=1))
+        return (
+            torch.cat([basis, nxt], dim=1),
+            torch.cat([alpha, a_j[:, None]], dim=1),
+            torch.cat([beta, b_j[:, None]], dim=1),
+        )
 
     return step
 

@@ -105,8 +105,11 @@ class TokenView:
         u, v = (i - h // 2) % h, (i - w // 2) % w
         y = torch.arange(h, dtype=_F64, device=self.x.device)
         x = torch.arange(w, dtype=_F64, device=self.x.device)
-        phase = 2 * math.pi * (u[:, None, None] * y[None, :, None] / h
-                               + v[:, None, None] * x[None, None, :] / w)  # [K, h, w]
+        phase = (
+            2
+            * math.pi
+            * (u[:, None, None] * y[None, :, None] / h + v[:, None, None] * x[None, None, :] / w)
+        )  # [K, h, w]
         basis = torch.cat([phase.cos(), phase.sin()]).reshape(2 * len(i), h * w)
         z = basis @ self.patches  # [B, 2K, C]: real and (minus) imaginary parts
         amp = (z[:, : len(i)].square() + z[:, len(i) :].square()).sqrt()

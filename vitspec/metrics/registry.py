@@ -56,7 +56,12 @@ _REGISTRY: dict[str, MetricSpec] = {}
 
 
 def register_metric(
-    name: str, kind: str, formula: str, source: str, *, needs_prev: bool = False,
+    name: str,
+    kind: str,
+    formula: str,
+    source: str,
+    *,
+    needs_prev: bool = False,
     needs_nonnegative: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn`` under ``name``; returns ``fn`` unchanged.
@@ -76,8 +81,7 @@ def register_metric(
         old = _REGISTRY.get(name)
         if old is not None and old.fn is not fn:
             raise VitspecError(f"metric {name!r} is already registered (by {old.fn.__module__})")
-        _REGISTRY[name] = MetricSpec(name, kind, fn, formula, source, needs_prev,
-                                     needs_nonnegative)
+        _REGISTRY[name] = MetricSpec(name, kind, fn, formula, source, needs_prev, needs_nonnegative)
         return fn
 
     return decorator
@@ -232,6 +236,12 @@ _BUILTIN = [
     ),
 ]
 for _name, _kind, _formula, _source, _fn in _BUILTIN:
-    register_metric(_name, _kind, _formula, _source, needs_prev=_name == "attn_cross_layer_sim",
-                    needs_nonnegative=_name == "attn_entropy")(_fn)
+    register_metric(
+        _name,
+        _kind,
+        _formula,
+        _source,
+        needs_prev=_name == "attn_cross_layer_sim",
+        needs_nonnegative=_name == "attn_entropy",
+    )(_fn)
 del _name, _kind, _formula, _source, _fn

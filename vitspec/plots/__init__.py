@@ -10,5 +10,13 @@ from vitspec.plots.curves import plot_curves
 from vitspec.plots.depth import plot_heads_vs_layer, plot_metric_vs_layer
 from vitspec.plots.figures import run_figures, save_figure, save_run_figures
 
-__all__ = ["compare_figure", "plot_compare", "plot_curves", "plot_heads_vs_layer",
-           "plot_metric_vs_layer", "run_figures", "save_figure", "save_run_figures"]
+__all__ = [
+    "compare_figure",
+    "plot_compare",
+    "plot_curves",
+    "plot_heads_vs_layer",
+    "plot_metric_vs_layer",
+    "run_figures",
+    "save_figure",
+    "save_run_figures",
+]

@@ -13,9 +13,16 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 
-def plot_curves(spectra: pd.DataFrame, curve: str, *, site: str | Sequence[str],
-                head: int | None = None,
-                centre: bool = False, log: bool = False, ax: Axes | None = None) -> Axes:
+def plot_curves(
+    spectra: pd.DataFrame,
+    curve: str,
+    *,
+    site: str | Sequence[str],
+    head: int | None = None,
+    centre: bool = False,
+    log: bool = False,
+    ax: Axes | None = None,
+) -> Axes:
     """One curve per layer, coloured from shallow (dark) to deep (yellow), with a colorbar.
 
     Args:

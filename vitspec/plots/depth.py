@@ -13,8 +13,14 @@ def _axes(ax: Axes | None) -> Axes:
     return ax if ax is not None else Figure(figsize=(4, 3)).add_subplot()
 
 
-def plot_metric_vs_layer(metrics: pd.DataFrame, metric: str, *, hue: str = "site",
-                         ax: Axes | None = None, band: bool = True) -> Axes:
+def plot_metric_vs_layer(
+    metrics: pd.DataFrame,
+    metric: str,
+    *,
+    hue: str = "site",
+    ax: Axes | None = None,
+    band: bool = True,
+) -> Axes:
     """Mean (+/- sd band over images) of one token metric against layer, a line per ``hue`` value.
 
     Args:
@@ -32,12 +38,18 @@ def plot_metric_vs_layer(metrics: pd.DataFrame, metric: str, *, hue: str = "site
     for key, group in df.groupby(hue, sort=False):
         group = group.sort_values("layer")
         color = SITE_COLORS.get(key) if hue == "site" else None
-        (line,) = ax.plot(group["layer"], group["mean"], marker="o", ms=3, label=str(key),
-                          color=color)
+        (line,) = ax.plot(
+            group["layer"], group["mean"], marker="o", ms=3, label=str(key), color=color
+        )
         if band and group["n"].max() > 1:
-            ax.fill_between(group["layer"], group["mean"] - group["std"],
-                            group["mean"] + group["std"], color=line.get_color(), alpha=0.2,
-                            lw=0)
+            ax.fill_between(
+                group["layer"],
+                group["mean"] - group["std"],
+                group["mean"] + group["std"],
+                color=line.get_color(),
+                alpha=0.2,
+                lw=0,
+            )
     ax.set_title(metric)
     ax.set_xlabel("layer")
     ax.grid(alpha=0.3)
@@ -55,14 +67,25 @@ def plot_heads_vs_layer(metrics: pd.DataFrame, metric: str, *, ax: Axes | None =
     heads = df[df["head"] >= 0]
     for i, (head, group) in enumerate(heads.groupby("head")):
         group = group.sort_values("layer")
-        ax.plot(group["layer"], group["mean"], lw=0.8, alpha=0.55,
-                color=f"C{head % 10}", label="per head" if i == 0 else None)
+        ax.plot(
+            group["layer"],
+            group["mean"],
+            lw=0.8,
+            alpha=0.55,
+            color=f"C{head % 10}",
+            label="per head" if i == 0 else None,
+        )
     mean = df[df["head"] == -1].sort_values("layer")
-    ax.plot(mean["layer"], mean["mean"], color="black", lw=2.2, marker="o", ms=3,
-            label="head mean")
+    ax.plot(mean["layer"], mean["mean"], color="black", lw=2.2, marker="o", ms=3, label="head mean")
     if mean["n"].max() > 1:
-        ax.fill_between(mean["layer"], mean["mean"] - mean["std"], mean["mean"] + mean["std"],
-                        color="black", alpha=0.12, lw=0)
+        ax.fill_between(
+            mean["layer"],
+            mean["mean"] - mean["std"],
+            mean["mean"] + mean["std"],
+            color="black",
+            alpha=0.12,
+            lw=0,
+        )
     ax.set_title(metric)
     ax.set_xlabel("layer")
     ax.grid(alpha=0.3)
