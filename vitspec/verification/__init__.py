@@ -47,6 +47,7 @@ def verify(
     label: str | None = None,
     max_steps: int = 512,
     sizes: Sequence[int] | None = None,
+    threads: int | None = 1,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
     model_kwargs: dict | None = None,
@@ -65,6 +66,10 @@ def verify(
         max_steps: T, the most powers ``A^t`` lowpass_limit applies (it stops earlier once
             ``r_t < 1e-12``).
         sizes: token counts N of the synthetic suite (default 16, 64, 197, 577).
+        threads: torch CPU threads for the run (restored afterwards); None keeps the current
+            setting. The default 1 is deliberate: the checks are thousands of small float64
+            LAPACK calls (SVDs of N x N matrices, batched by looping), which intra-op threads
+            barely speed up and which slow down many-fold when the cores are shared.
         progress: tqdm bar on stderr.
         warn: receives one-line warnings (default: stderr).
 
@@ -86,13 +91,22 @@ def verify(
         raise VitspecError("give a MODEL to verify, or --synthetic for the synthetic suite")
     if sizes is not None and not synthetic:
         raise VitspecError("--sizes applies to the synthetic suite only (use it with --synthetic)")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise VitspecError(f"threads must be a whole number >= 1, got {threads!r}")
     start = time.perf_counter()
-    if synthetic:
-        return _synthetic(sizes, max_steps, seed, start)
-    return _model(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema, strict=strict,
-                  images=images, num_images=num_images, batch_size=batch_size, device=device,
-                  label=label, max_steps=max_steps, progress=progress, warn=warn,
-                  model_kwargs=model_kwargs, start=start)
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        if synthetic:
+            return _synthetic(sizes, max_steps, seed, start)
+        return _model(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema,
+                      strict=strict, images=images, num_images=num_images,
+                      batch_size=batch_size, device=device, label=label, max_steps=max_steps,
+                      progress=progress, warn=warn, model_kwargs=model_kwargs, start=start)
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _versions() -> dict:

@@ -282,7 +282,7 @@ class ModelVerifier:
                      * torch.linalg.matrix_norm(w.w_o)).sum(dim=1)
         res = ck.check_msa_bound(x64, y64, msa, s_a, w.head_norms, err_scale)
         self.tallies.add("msa_bound", layer, None, res.branch)
-        self.tallies.add("msa_bound", layer, None, res.residual)
+        self.tallies.add("msa_residual", layer, None, res.residual)
         self._accumulate("blocks", layer, torch.stack(
             [res.gain, res.bound, res.rate, res.rate_bound, 1 + res.bound,
              res.y_over_x], dim=-1).sum(dim=0), count=x.shape[0], shape=(6,),
@@ -330,7 +330,7 @@ class ModelVerifier:
             if reason:
                 for check in per_head:
                     na.update({(check, layer, h): reason for h in heads})
-                for check in ("msa_bound", "msa_reconstruction"):
+                for check in ("msa_bound", "msa_residual", "msa_reconstruction"):
                     na[(check, layer, None)] = reason
             if first_fail is not None and layer >= first_fail:
                 why = reason or (f"the head paths pass through layer {first_fail}, where "
@@ -340,8 +340,8 @@ class ModelVerifier:
                 continue
             msa_reason = self._msa_reason(layer)
             if msa_reason:
-                na[("msa_bound", layer, None)] = msa_reason
-                na[("msa_reconstruction", layer, None)] = msa_reason
+                for check in ("msa_bound", "msa_residual", "msa_reconstruction"):
+                    na[(check, layer, None)] = msa_reason
             elif "output" in self.missing.get(layer, ()):
                 na[("msa_reconstruction", layer, None)] = (
                     "the attention branch output is not reachable for this block family")

@@ -30,6 +30,7 @@ CHECKS: dict[str, float] = {
     "product_lowpass": RTOL,
     "logit_bound": RTOL,
     "msa_bound": RTOL,
+    "msa_residual": RTOL,
     "msa_reconstruction": RECON_TOL,
     "attnscale_gain": RTOL,
 }

@@ -130,7 +130,7 @@ def _group(tallies: Tallies, a_mat: Tensor, gen: torch.Generator):
                  * torch.linalg.matrix_norm(w_o)).sum()[None]
     msa_res = ck.check_msa_bound(x, y, msa, s_a[None], ck.head_weight_norms(w_v, w_o), err_scale)
     tallies.add("msa_bound", None, None, msa_res.branch)
-    tallies.add("msa_bound", None, None, msa_res.residual)
+    tallies.add("msa_residual", None, None, msa_res.residual)
     return s_a, norm, bound, a
 
 
