@@ -19,6 +19,8 @@ _API = {
     "Result": "vitspec.results",
     "VitspecError": "vitspec.errors",
     "list_metrics": "vitspec.metrics",
+    "verify": "vitspec.verification",
+    "VerifyResult": "vitspec.verification",
 }
 
 

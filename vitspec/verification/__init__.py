@@ -28,7 +28,7 @@ import vitspec
 from vitspec.errors import VitspecError
 from vitspec.verification.result import CHECKS, VERIFY_COLUMNS, VerifyResult, summarise, table
 
-__all__ = ["CHECKS", "VERIFY_COLUMNS", "VerifyResult", "verify"]
+__all__ = ["CHECKS", "VERIFY_COLUMNS", "VerifyResult", "check_usage", "verify"]
 
 
 def verify(
@@ -51,6 +51,7 @@ def verify(
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
     model_kwargs: dict | None = None,
+    featscale_form: str | None = None,
 ) -> VerifyResult:
     """Run every check of docs/verify.md on a model's attention (streamed over images), or on the
     synthetic suite (``synthetic=True``, no model).
@@ -59,7 +60,8 @@ def verify(
         model: a timm model name or alias, or an ``nn.Module`` used as is; None with
             ``synthetic=True``.
         synthetic: run the synthetic suite instead of a model.
-        ckpt, random_init, seed, ema, strict, model_kwargs: the weights, as in ``analyze``
+        ckpt, random_init, seed, ema, strict, model_kwargs, featscale_form: the weights, as in
+            ``analyze``
             (``seed`` also seeds the random test vectors).
         images, num_images, batch_size, device: the inputs, as in ``analyze``.
         label: run label (default: checkpoint file stem or ``random-init``).
@@ -84,13 +86,7 @@ def verify(
     """
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise VitspecError(f"max_steps must be a whole number >= 1, got {max_steps!r}")
-    if synthetic and model is not None:
-        raise VitspecError("give a MODEL or --synthetic, not both (the synthetic suite needs no "
-                           "model)")
-    if not synthetic and model is None:
-        raise VitspecError("give a MODEL to verify, or --synthetic for the synthetic suite")
-    if sizes is not None and not synthetic:
-        raise VitspecError("--sizes applies to the synthetic suite only (use it with --synthetic)")
+    check_usage(model, synthetic=synthetic, sizes=sizes, ckpt=ckpt, random_init=random_init)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise VitspecError(f"threads must be a whole number >= 1, got {threads!r}")
@@ -104,9 +100,33 @@ def verify(
         return _model(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema,
                       strict=strict, images=images, num_images=num_images,
                       batch_size=batch_size, device=device, label=label, max_steps=max_steps,
-                      progress=progress, warn=warn, model_kwargs=model_kwargs, start=start)
+                      progress=progress, warn=warn, model_kwargs=model_kwargs,
+                      featscale_form=featscale_form, start=start)
     finally:
         torch.set_num_threads(saved)
+
+
+def check_usage(model, *, synthetic: bool, sizes=None, ckpt=None, random_init=False) -> None:
+    """Raise a one-line :class:`VitspecError` for an impossible combination of arguments.
+
+    Example:
+        >>> check_usage(None, synthetic=True, sizes=[16])
+    """
+    if synthetic and model is not None:
+        raise VitspecError("give a MODEL or --synthetic, not both (the synthetic suite needs no "
+                           "model)")
+    if not synthetic and model is None:
+        raise VitspecError("give a MODEL to verify, or --synthetic for the synthetic suite")
+    if synthetic and (ckpt is not None or random_init):
+        raise VitspecError("--ckpt / --random-init need a MODEL; the synthetic suite has no "
+                           "weights")
+    if sizes is not None:
+        if not synthetic:
+            raise VitspecError("--sizes applies to the synthetic suite only (use --synthetic)")
+        bad = [s for s in sizes if isinstance(s, bool) or not isinstance(s, int) or s < 2]
+        if bad or not len(sizes):
+            raise VitspecError(f"synthetic sizes must be whole numbers >= 2, got "
+                               f"{bad[0] if bad else 'none'}")
 
 
 def _versions() -> dict:
@@ -118,9 +138,6 @@ def _synthetic(sizes, max_steps: int, seed: int, start: float) -> VerifyResult:
     from vitspec.verification import synthetic as syn
 
     sizes = tuple(syn.SIZES if sizes is None else sizes)
-    bad = [s for s in sizes if isinstance(s, bool) or not isinstance(s, int) or s < 2]
-    if bad or not sizes:
-        raise VitspecError(f"synthetic sizes must be whole numbers >= 2, got {bad or sizes}")
     tallies, points = syn.run_synthetic(sizes, max_steps=max_steps, seed=seed)
     frames = [table(t, {"run": "synthetic", "model": f"synthetic-N{n}", "checkpoint": "none"},
                     {}) for n, t in tallies.items()]
@@ -145,7 +162,8 @@ def _synthetic(sizes, max_steps: int, seed: int, start: float) -> VerifyResult:
 
 
 def _model(model, *, ckpt, random_init, seed, ema, strict, images, num_images, batch_size, device,
-           label, max_steps, progress, warn, model_kwargs, start) -> VerifyResult:
+           label, max_steps, progress, warn, model_kwargs, featscale_form,
+           start) -> VerifyResult:
     from vitspec.adapters import get_adapter
     from vitspec.analysis import _stderr_warn, _tensor_batches, load, resolve_device
     from vitspec.capture import capture
@@ -157,7 +175,7 @@ def _model(model, *, ckpt, random_init, seed, ema, strict, images, num_images, b
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise VitspecError(f"--batch-size must be >= 1, got {batch_size!r}")
     loaded = load(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema, strict=strict,
-                  model_kwargs=model_kwargs)
+                  model_kwargs=model_kwargs, featscale_form=featscale_form)
     for line in loaded.provenance.get("warnings", []):
         warn(line)
     net = loaded.model.eval()
@@ -169,7 +187,7 @@ def _model(model, *, ckpt, random_init, seed, ema, strict, images, num_images, b
     else:
         image_set, batches, total = None, _tensor_batches(images, num_images), num_images
     net.to(dev)
-    verifier = ModelVerifier(adapter, net, dev, max_steps=max_steps, seed=seed)
+    verifier = ModelVerifier(adapter, dev, max_steps=max_steps, seed=seed)
     bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, leave=False)
     used = 0
     with torch.inference_mode(), capture(

@@ -11,8 +11,8 @@ Tolerances (see docs/verify.md):
   model produced, with absolute tolerance :data:`PREMISE_TOL` = 1e-5 on ``A 1 - 1``.
 - Everything else runs on ``Â = A / (A 1)`` in float64 (:func:`renormalise`), the matrix the
   premise certified, moved the rest of the way onto the premise so that the identities hold to
-  float64 round-off. Inequalities pass when ``lhs <= (1 + RTOL) rhs + E`` with :data:`RTOL` =
-  1e-9 and ``E`` a first-order float64 round-off bound of the quantities involved,
+  float64 round-off. Inequalities pass when ``lhs <= (1 + RTOL) (rhs + E)`` with :data:`RTOL`
+  = 1e-9 and ``E`` a first-order float64 round-off bound of the quantities involved,
   ``E = 4 gamma_n (sum of the norms that enter the computation)``, ``gamma_n = n u / (1 - n u)``,
   ``u = 2^-53`` (Higham, Accuracy and Stability of Numerical Algorithms, Sec. 3.1). ``E`` only
   matters where ``rhs`` is itself at round-off level (e.g. uniform attention, ``s_a = 0``).
@@ -68,8 +68,9 @@ class Outcome:
     """Per-case result of one check.
 
     Attributes:
-        slack: ``[...]`` float64, observed / bound (``lhs / rhs``; for identities the error over
-            the allowed error); 0 where the observed value is within round-off of 0.
+        slack: ``[...]`` float64, observed / bound: ``lhs / (rhs + E)`` for inequalities (E the
+            float64 round-off allowance, negligible unless rhs is itself at round-off level),
+            the error over the allowed error for identities and the premise.
         violated: ``[...]`` bool, the statement fails beyond its tolerance.
     """
 
@@ -87,16 +88,12 @@ def gamma(n: int) -> float:
     return n * _U / (1 - n * _U)
 
 
-def _ratio(lhs: Tensor, rhs: Tensor, floor: Tensor | float) -> Tensor:
-    """``lhs / rhs``, 0 where ``lhs`` is within ``floor`` of 0 (both at round-off level)."""
-    ratio = lhs / rhs
-    return torch.where(lhs <= floor, torch.zeros_like(ratio), ratio)
-
-
 def _inequality(lhs: Tensor, rhs: Tensor, err: Tensor | float, rtol: float = RTOL) -> Outcome:
+    """``lhs <= rhs`` with slack ``lhs / (rhs + err)``, violated when the slack exceeds
+    ``1 + rtol`` (NaN counts as a violation; an infinite bound as slack 0)."""
     rhs = torch.nan_to_num(rhs, nan=math.inf)
-    violated = ~(lhs <= (1 + rtol) * rhs + err)  # NaN lhs counts as a violation
-    return Outcome(_ratio(lhs, rhs, err), violated)
+    slack = lhs / (rhs + err)
+    return Outcome(slack, ~(slack <= 1 + rtol))
 
 
 def renormalise(attn: Tensor) -> Tensor:

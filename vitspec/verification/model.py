@@ -66,6 +66,9 @@ def branch_weights(block: nn.Module, device: torch.device) -> tuple[BranchWeight
                   "and proj, so the branch is not sum_h A_h Y W_V^h W_O^h")
     elif getattr(attn, "gate", None) is not None:
         reason = "gated attention: an input-dependent gate multiplies the heads before proj"
+    elif getattr(block, "feat_scale", None) is not None:
+        reason = ("FeatScale rescales the branch's DC and HC parts after proj: the branch is "
+                  "not sum_h A_h Y W_V^h W_O^h")
     gamma = None
     ls = getattr(block, "ls1", None)
     if ls is not None and not isinstance(ls, nn.Identity):
@@ -89,21 +92,19 @@ class ModelVerifier:
 
     Args:
         adapter: the model's adapter.
-        model: the model (for its attention weights).
         device: where the float64 checks run (the forward pass's device).
         max_steps: T of lowpass_limit.
         seed: seeds the random start vectors, constants and head paths.
     """
 
-    def __init__(self, adapter: Adapter, model: nn.Module, device: torch.device,
-                 max_steps: int = 512, seed: int = 0):
+    def __init__(self, adapter: Adapter, device: torch.device, max_steps: int = 512,
+                 seed: int = 0):
         self.adapter = adapter
         self.device = device
         self.max_steps = max_steps
         self.seed = seed
         self.depth = adapter.depth
         self.tallies = Tallies()
-        self.na: dict[tuple, str] = {}
         self.weights: dict[int, BranchWeights | None] = {}
         self.weight_reasons: dict[int, str] = {}
         for layer, block in enumerate(adapter.blocks, start=1):
@@ -112,12 +113,11 @@ class ModelVerifier:
         self.num_heads = 0
         self.n_tokens = 0
         self.batch = 0
-        self.images = 0
         self.gain_diff = 0.0  # max relative |attn_hc_gain - exact s_a|
         self.missing: dict[int, set] = {}
         self.naive: dict[int, list[int]] = {}  # layer -> [cases, rate > 1 + bound]
-        self.curve_layers = sorted({max(1, round(i * self.depth / CURVE_LAYERS))
-                                    for i in range(1, CURVE_LAYERS + 1)} | {1})[-CURVE_LAYERS:]
+        self.curve_layers = sorted({round(1 + i * (self.depth - 1) / (CURVE_LAYERS - 1))
+                                    for i in range(CURVE_LAYERS)})
         self._sums: dict[str, Tensor] = {}
         self._held: dict[str, Tensor] = {}
         self._paths: ck.Trajectory | None = None
@@ -155,8 +155,6 @@ class ModelVerifier:
                 self.missing.setdefault(layer, set()).add(part)
         b, heads, n, _ = attn.shape
         self.num_heads, self.n_tokens = heads, n
-        if layer == 1:
-            self.images += b
         attn = attn.to(self.device)
         premise = ck.check_row_stochastic(attn)
         for h in range(heads):
@@ -231,7 +229,7 @@ class ModelVerifier:
             r, bound = res.r[:, :, :k], res.bound[:, :, :k]  # real start vectors first
             steps = r.shape[-1]
             pad = self.max_steps - steps
-            finite = r.isfinite() & (r > 0) & bound.isfinite() & (bound > 0)
+            finite = r.isfinite() & (r > 0)  # a bound that overflowed (s_a > 1) stays inf
             lr = torch.where(finite, r.clamp_min(1e-300).log10(), 0).sum(dim=(0, 2))
             lb = torch.where(finite, bound.clamp_min(1e-300).log10(), 0).sum(dim=(0, 2))
             cnt = finite.sum(dim=(0, 2)).double()

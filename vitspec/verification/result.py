@@ -173,10 +173,13 @@ class VerifyResult:
         """The failing rows."""
         return self.table[self.table["status"] == "fail"].reset_index(drop=True)
 
-    def summary_lines(self) -> list[str]:
-        """One line per check: verdict, cases, violations, largest slack, tolerance."""
+    def summary_lines(self, status: str | None = None) -> list[str]:
+        """One line per check (only those with ``status`` if given): verdict, cases,
+        violations, largest slack, tolerance, where it fails and why it is not applicable."""
         lines = []
         for name, c in self.info["summary"]["checks"].items():
+            if status is not None and c["status"] != status:
+                continue
             slack = "n/a" if c["max_slack"] is None else f"{c['max_slack']:.4g}"
             line = (f"{name:<19} {c['status'].upper():<14} cases {c['cases']:<8} "
                     f"violations {c['violations']:<5} max slack {slack:<10} "
@@ -197,7 +200,8 @@ class VerifyResult:
             self.table.to_csv(tmp / "verify.csv", index=False, float_format="%.10g")
             info = {**self.info, "figure_data": {k: v.to_dict(orient="list")
                                                  for k, v in self.figure_data.items()}}
-            (tmp / "verify.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+            text = json.dumps(_jsonable(info), indent=2, default=str, allow_nan=False)
+            (tmp / "verify.json").write_text(text + "\n")
             if figures:
                 from vitspec.plots.verify import save_verify_figures
 
@@ -214,7 +218,18 @@ class VerifyResult:
                                f"(missing {', '.join(missing)})")
         df = pd.read_csv(out / "verify.csv", dtype={"layer": "Int64", "head": "Int64"},
                          keep_default_na=False, na_values=[""])
-        df["reason"] = df["reason"].fillna("")
+        df["reason"] = df["reason"].astype(object).fillna("")
         info = json.loads((out / "verify.json").read_text())
         data = {k: pd.DataFrame(v) for k, v in info.pop("figure_data", {}).items()}
         return cls(table=df, info=info, figure_data=data)
+
+
+def _jsonable(obj):
+    """NaN and infinities as null (strict JSON), recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
