@@ -39,9 +39,11 @@ def time_inference(model, batches, device) -> float:
     return time.perf_counter() - start
 
 
-def time_analyze(model, batches, device) -> float:
+def time_analyze(model, batches, device, pipeline: bool = True) -> float:
     start = time.perf_counter()
-    vitspec.analyze(model, images=batches, device=device.type, warn=lambda m: None)
+    vitspec.analyze(
+        model, images=batches, device=device.type, warn=lambda m: None, pipeline=pipeline
+    )
     return time.perf_counter() - start
 
 
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--inline", action="store_true", help="also time analyze(pipeline=False)")
     parser.add_argument("--_memory-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._memory_child:
@@ -106,13 +109,19 @@ def main() -> None:
     )
     time_inference(model, batches[:1], device)  # warm up both paths
     time_analyze(model, batches[:1], device)
-    plain, ours = [], []
+    plain, ours, inline = [], [], []
     for _ in range(args.repeats):
         plain.append(time_inference(model, batches, device))
         ours.append(time_analyze(model, batches, device))
+        if args.inline:
+            inline.append(time_analyze(model, batches, device, pipeline=False))
     a, b = min(plain), min(ours)
     print(f"(a) timm inference, fused attention: {args.num_images / a:8.2f} img/s ({a:.2f} s)")
     print(f"(b) vitspec.analyze, all metrics:    {args.num_images / b:8.2f} img/s ({b:.2f} s)")
+    if inline:
+        c = min(inline)
+        print(f"    the same without the worker thread: {args.num_images / c:.2f} img/s "
+              f"(ratio {c / a:.2f})")
     if not args.skip_memory:
         small, large = peak_memory(args, 32), peak_memory(args, 512)
         kind = "peak CUDA allocated" if device.type == "cuda" else "peak RSS"

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 import vitspec
 from vitspec.adapters import get_adapter
 from vitspec.capture import capture, check_sites
-from vitspec.collect import Collector
+from vitspec.collect import Collector, rows
 from vitspec.errors import VitspecError
 from vitspec.inputs import eval_transform, iter_batches, open_images
 from vitspec.loading import LoadedModel, load_model
@@ -135,8 +135,8 @@ def analyze(
         featscale_form: ``'doubled'`` / ``'single'`` FeatScale for a model given by name (see
             :func:`vitspec.loading.load_model`). Blocks with AttnScale also get ``pre_attn_*``
             rows: the attention metrics on the pre-scale attention.
-        pipeline: on CPU, compute the metrics on a worker thread that overlaps the forward pass
-            (same results; ``False`` runs them inline, in the hooks).
+        pipeline: on CPU, compute the metrics on two worker threads (token sites, attention)
+            that overlap the forward pass (same results; ``False`` runs them in the hooks).
 
     Returns:
         A ``Result`` with ``.metrics`` and ``.spectra`` DataFrames and ``.info`` provenance.
@@ -174,34 +174,40 @@ def analyze(
         image_set, batches, total = None, _tensor_batches(images, num_images), num_images
     net.to(dev)
 
-    collector = Collector(specs, adapter.num_prefix, warn)
-    attention = any(s.kind.startswith("attn") for s in specs)
+    # Two lanes, each with its own collector: token sites and attention maps share no state, so
+    # on CPU each lane runs on its own worker thread beside the forward pass (vitspec.pipeline),
+    # keeping both cores busy; on CUDA the kernels are already asynchronous and run inline.
+    tokens = Collector([s for s in specs if s.kind.startswith("token")], adapter.num_prefix, warn)
+    attn = Collector([s for s in specs if s.kind.startswith("attn")], adapter.num_prefix, warn)
+    attention = bool(attn.attn_specs)
     bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, leave=False)
     used = 0
     start = time.perf_counter()
-    # On CPU the metrics run on a worker thread beside the forward pass (see vitspec.pipeline);
-    # on CUDA the kernels are already asynchronous and run inline.
-    with Pipeline(threads=1) if pipeline and dev.type == "cpu" else _Inline() as run:
+    threaded = pipeline and dev.type == "cpu"
+    with _lane(threaded) as token_lane, _lane(threaded) as attn_lane:
         with (
             torch.inference_mode(),
             capture(
                 adapter,
                 sites=sites,
-                on_tokens=run.wrap(collector.on_tokens),
-                on_attention=run.wrap(collector.on_attention) if attention else None,
+                on_tokens=token_lane.wrap(tokens.on_tokens),
+                on_attention=attn_lane.wrap(attn.on_attention) if attention else None,
                 on_pre_attention=(
-                    run.wrap(collector.on_pre_attention)
+                    attn_lane.wrap(attn.on_pre_attention)
                     if attention and adapter.has_pre_attention
                     else None
                 ),
             ),
         ):
             for batch in batches:
-                run.wrap(collector.start_batch)(adapter.grid(tuple(batch.shape[-2:])))
+                grid = adapter.grid(tuple(batch.shape[-2:]))
+                token_lane.wrap(tokens.start_batch)(grid)
+                attn_lane.wrap(attn.start_batch)(grid)
                 net(batch.to(dev, non_blocking=True))
                 bar.update(batch.shape[0])
                 used += batch.shape[0]
-        run.join()
+        token_lane.join()
+        attn_lane.join()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     wall = time.perf_counter() - start
@@ -212,7 +218,7 @@ def analyze(
     )
     ids = {"run": f"{loaded.name}-{label}", "model": loaded.name, "checkpoint": loaded.checkpoint}
     kinds = {s.name: s.kind for s in specs}
-    metric_rows, spectra_rows = collector.rows(kinds, adapter.depth, ids)
+    metric_rows, spectra_rows = rows({**tokens.moments, **attn.moments}, kinds, adapter.depth, ids)
     table = moments_frame(metric_rows, METRIC_COLUMNS)
     spectra = moments_frame(spectra_rows, SPECTRA_COLUMNS)
     validate(table, spectra)
@@ -229,9 +235,9 @@ def analyze(
         "random_init": loaded.checkpoint == "random-init",
         "family": adapter.family,
         "depth": adapter.depth,
-        "num_heads": collector.num_heads,
+        "num_heads": attn.num_heads,
         "num_prefix_tokens": adapter.num_prefix,
-        "grid": list(collector.grid),
+        "grid": list(tokens.grid),
         "images": {
             "source": image_set.source if image_set else "tensors",
             "requested": num_images,
@@ -241,10 +247,10 @@ def analyze(
         },
         "sites": list(sites),
         "metrics": [s.name for s in specs],
-        "attention_refused": {str(k): v for k, v in collector.refused.items()},
-        "pre_attention_refused": {str(k): v for k, v in collector.refused_pre.items()},
+        "attention_refused": {str(k): v for k, v in attn.refused.items()},
+        "pre_attention_refused": {str(k): v for k, v in attn.refused_pre.items()},
         "attention_metrics_refused": {
-            f"{name} layer {layer}": why for (layer, name), why in collector.refused_metrics.items()
+            f"{name} layer {layer}": why for (layer, name), why in attn.refused_metrics.items()
         },
         "techniques": techniques(net),
         "device": str(dev),
@@ -259,6 +265,10 @@ def analyze(
         "command": " ".join(sys.argv),
     }
     return Result(metrics=table, spectra=spectra, info=info)
+
+
+def _lane(threaded: bool):
+    return Pipeline(threads=1) if threaded else _Inline()
 
 
 class _Inline:

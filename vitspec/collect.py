@@ -152,64 +152,68 @@ class Collector:
             moments = self.moments[key] = Moments()
         moments.update(values)
 
-    def rows(self, kinds: dict[str, str], depth: int, ids: dict) -> tuple[list[dict], list[dict]]:
-        """Metric rows and spectra rows, ordered by site, layer, head and metric order.
 
-        Args:
-            kinds: metric name -> registry kind (to tell scalars from curves); ``pre_<name>``
-                rows take the kind of ``<name>`` and follow the unprefixed metrics.
-            depth: number of blocks L (``depth`` column = layer / L).
-            ids: the leading columns (run, model, checkpoint).
-        """
-        order = {name: i for i, name in enumerate(kinds)}
-        metric_rows, spectra_rows = [], []
+def rows(
+    moments: dict[tuple, Moments], kinds: dict[str, str], depth: int, ids: dict
+) -> tuple[list[dict], list[dict]]:
+    """Metric rows and spectra rows, ordered by site, layer, head and metric order.
 
-        def unprefixed(name: str) -> str:
-            return name if name in kinds else name.removeprefix(PRE)
+    Args:
+        moments: ``(site, layer, head, name) -> Moments``, from one or more collectors.
+        kinds: metric name -> registry kind (to tell scalars from curves); ``pre_<name>``
+            rows take the kind of ``<name>`` and follow the unprefixed metrics.
+        depth: number of blocks L (``depth`` column = layer / L).
+        ids: the leading columns (run, model, checkpoint).
+    """
+    order = {name: i for i, name in enumerate(kinds)}
+    metric_rows, spectra_rows = [], []
 
-        def sort_key(item):
-            (site, layer, head, name), _ = item
-            head_rank = -2 if head is None else (-1 if head == -1 else 0)
-            return (
-                SITE_ORDER[site],
-                layer,
-                head_rank,
-                name != unprefixed(name),
-                order[unprefixed(name)],
-            )
+    def unprefixed(name: str) -> str:
+        return name if name in kinds else name.removeprefix(PRE)
 
-        for (site, layer, head, name), moments in sorted(self.moments.items(), key=sort_key):
-            mean, std, n = moments.compute()
-            heads = range(mean.shape[0]) if head == ALL_HEADS else [head]
-            per_head = zip(heads, mean, std) if head == ALL_HEADS else [(head, mean, std)]
-            for h, m, s in per_head:
-                base = {**ids, "site": site, "layer": layer}
-                if kinds[unprefixed(name)].endswith("curve"):
-                    for freq, (mf, sf) in enumerate(zip(m.tolist(), s.tolist())):
-                        spectra_rows.append(
-                            {
-                                **base,
-                                "head": h,
-                                "curve": name,
-                                "freq": freq,
-                                "mean": mf,
-                                "std": sf,
-                                "n": n,
-                            }
-                        )
-                else:
-                    metric_rows.append(
+    def sort_key(item):
+        (site, layer, head, name), _ = item
+        head_rank = -2 if head is None else (-1 if head == -1 else 0)
+        return (
+            SITE_ORDER[site],
+            layer,
+            head_rank,
+            name != unprefixed(name),
+            order[unprefixed(name)],
+        )
+
+    for (site, layer, head, name), acc in sorted(moments.items(), key=sort_key):
+        mean, std, n = acc.compute()
+        heads = range(mean.shape[0]) if head == ALL_HEADS else [head]
+        per_head = zip(heads, mean, std) if head == ALL_HEADS else [(head, mean, std)]
+        for h, m, s in per_head:
+            base = {**ids, "site": site, "layer": layer}
+            if kinds[unprefixed(name)].endswith("curve"):
+                for freq, (mf, sf) in enumerate(zip(m.tolist(), s.tolist())):
+                    spectra_rows.append(
                         {
                             **base,
-                            "depth": layer / depth,
                             "head": h,
-                            "metric": name,
-                            "mean": float(m),
-                            "std": float(s),
+                            "curve": name,
+                            "freq": freq,
+                            "mean": mf,
+                            "std": sf,
                             "n": n,
                         }
                     )
-        return metric_rows, spectra_rows
+            else:
+                metric_rows.append(
+                    {
+                        **base,
+                        "depth": layer / depth,
+                        "head": h,
+                        "metric": name,
+                        "mean": float(m),
+                        "std": float(s),
+                        "n": n,
+                    }
+                )
+    return metric_rows, spectra_rows
 
 
 def _check_finite(x: Tensor, where: str) -> None:
