@@ -7,6 +7,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import timm
@@ -184,7 +185,13 @@ def analyze(
     used = 0
     start = time.perf_counter()
     threaded = pipeline and dev.type == "cpu"
-    with _lane(threaded) as token_lane, _lane(threaded) as attn_lane:
+    # threaded: every thread runs its torch ops on one core (the forward pass too), so the
+    # forward and the two lanes share the cores without OpenMP teams pre-empting each other
+    with (
+        _lane(threaded) as token_lane,
+        _lane(threaded) as attn_lane,
+        _intra_op_threads(1 if threaded else None),
+    ):
         with (
             torch.inference_mode(),
             capture(
@@ -265,6 +272,18 @@ def analyze(
         "command": " ".join(sys.argv),
     }
     return Result(metrics=table, spectra=spectra, info=info)
+
+
+@contextmanager
+def _intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads in this thread (None: unchanged), then restore."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _lane(threaded: bool):

@@ -66,6 +66,8 @@ def _compare(args: argparse.Namespace) -> int:
         labels=args.labels,
         overwrite=args.overwrite,
     )
+    for name, have in result.info["not_in_every_run"].items():
+        _say(args, f"left out {name}: only in {', '.join(have)}")
     _say(
         args,
         f"{len(result.labels)} runs, {len(result.metrics)} metrics, x = {result.info['x']}"
@@ -82,6 +84,48 @@ def _metrics(args: argparse.Namespace) -> int:
     for spec in specs:
         print(f"{spec.name:<{width}}  {spec.kind:<11}  {spec.formula}  [{spec.source}]")
     return 0 if specs else 2
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from vitspec.results import check_out_dir
+    from vitspec.verification import check_usage, verify
+
+    sizes = _int_list(args.sizes, "--sizes") if args.sizes is not None else None
+    check_usage(args.model, synthetic=args.synthetic, sizes=sizes, ckpt=args.ckpt,
+                random_init=args.random_init)
+    label = "synthetic" if args.synthetic else args.label or (
+        Path(args.ckpt).stem if args.ckpt else "random-init" if args.random_init else "pretrained")
+    out = Path(args.out or (f"runs/verify-{label}" if args.synthetic
+                            else f"runs/verify-{args.model}-{label}"))
+    check_out_dir(out, args.overwrite)  # before the work, not after it
+    result = verify(
+        args.model, synthetic=args.synthetic, ckpt=args.ckpt, random_init=args.random_init,
+        seed=args.seed, ema=args.ema, strict=not args.non_strict, images=args.images,
+        num_images=args.num_images, batch_size=args.batch_size, device=args.device,
+        label=args.label, max_steps=args.max_steps, sizes=sizes, threads=args.threads,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    result.save(out, overwrite=args.overwrite, figures=not args.no_figures)
+    if args.random_init:
+        _say(args, f"verified {args.model} with RANDOM weights (seed {args.seed}): the numbers "
+                   "describe an untrained network")
+    for line in result.summary_lines(None if not args.quiet else "fail"):
+        print(f"vitspec: {line}", file=sys.stderr)
+    failed = result.info["summary"]["failed_checks"]
+    if failed:
+        print(f"vitspec: FAIL: {', '.join(failed)} (a finding about these matrices, "
+              f"not a crash; rows with status 'fail' in {out}/verify.csv)", file=sys.stderr)
+        return 1
+    _say(args, f"every applicable check passes -> {out}/ (verify.csv, verify.json"
+               f"{', figures' if not args.no_figures else ''})")
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise VitspecError(f"{flag} takes comma-separated whole numbers, got {text!r}") from None
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
@@ -184,6 +228,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     _add_common(p)
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser(
+        "verify",
+        help="check the low-pass theory (Wang et al. 2022) on a model's attention, in float64",
+        description="Check each statement of the low-pass theory of self-attention on the "
+        "attention matrices and block inputs of a timm ViT (or, with --synthetic, on random "
+        "softmax matrices) and write verify.csv, verify.json and figures. Exit 0 when no check "
+        "fails, 1 when one fails, 2 on usage errors.",
+    )
+    p.add_argument("model", nargs="?", default=None,
+                   help="timm model name or alias (omit with --synthetic)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="run the synthetic suite (random logits, N in --sizes), no model")
+    p.add_argument("--sizes", default=None, metavar="N,N,...",
+                   help="token counts of the synthetic suite (default 16,64,197,577)")
+    _add_weights(p)
+    p.add_argument("--images", metavar="DIR",
+                   help="image folder, searched recursively (default: the bundled photographs)")
+    p.add_argument("--num-images", type=int, metavar="N", help="first N readable images, sorted")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--max-steps", type=int, default=512, metavar="T",
+                   help="most powers A^t for lowpass_limit (default 512)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the checks are many small LAPACK calls)")
+    p.add_argument("--out", metavar="DIR",
+                   help="output directory (default: runs/verify-<model>-<label>)")
+    p.add_argument("--label", help="run label (default: checkpoint file stem or random-init)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    p.add_argument("--no-figures", action="store_true", help="write the tables only")
+    _add_common(p)
+    p.set_defaults(func=_verify)
 
     p = sub.add_parser("metrics", help="list the metrics with their formulas and sources")
     p.add_argument("pattern", nargs="?", default="*", help="name pattern, e.g. 'attn_*'")

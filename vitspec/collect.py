@@ -54,7 +54,6 @@ class Collector:
         self._prev = self._pre_prev = None
 
     def on_tokens(self, site: str, layer: int, tokens: Tensor) -> None:
-        _check_finite(tokens, f"layer {layer} {site} tokens")
         n_tokens = self.num_prefix + self.grid[0] * self.grid[1]
         if tokens.shape[1] != n_tokens:
             raise VitspecError(
@@ -62,6 +61,7 @@ class Collector:
                 f"{self.num_prefix} prefix + {self.grid[0]}x{self.grid[1]} patches"
             )
         view = TokenView(tokens, self.num_prefix, self.grid)  # shared intermediates, this site only
+        _check_finite(view.energy, f"layer {layer} {site} tokens")  # NaN/Inf reach ||X||^2
         for spec in self.token_specs:
             self._update((site, layer, None, spec.name), spec.fn(view, self.num_prefix, self.grid))
 
@@ -88,7 +88,6 @@ class Collector:
             if prefix
             else "attention (blocks.{}.attn)"
         )
-        _check_finite(attn, f"layer {layer} {what.format(layer - 1)}")
         n_tokens = self.num_prefix + self.grid[0] * self.grid[1]
         prev = prev_state[1] if prev_state is not None and prev_state[0] == layer - 1 else None
         problem, signed = None, False
@@ -98,6 +97,7 @@ class Collector:
             )
         else:
             view = AttnView(attn, prev)  # intermediates shared by this layer's metrics
+            _check_finite(view.row_sums, f"layer {layer} {what.format(layer - 1)}")
             if not view.rows_sum_to_one(atol=1e-4):
                 problem = "its output is not row-stochastic (rows not summing to 1)"
             # rows summing to 1 with negative entries: AttnScale's A' = J + (1 + w)(A - J), w > 0
@@ -217,6 +217,7 @@ def rows(
 
 
 def _check_finite(x: Tensor, where: str) -> None:
+    """``x``: a reduction (sum or sum of squares) of the activations, NaN/Inf if any of them is."""
     if not torch.isfinite(x).all():
         raise VitspecError(
             f"NaN or Inf in the {where}: the model's activations are not finite "

@@ -40,8 +40,21 @@ from vitspec.results import Result, atomic_dir, check_out_dir
 TOKEN_SITES = ("embed", "mid", "block")
 X_AXES = ("layer", "depth")
 FIRST = "patch_cos_abs"  # the paper's cosine-similarity figure leads
-DIFF_COLUMNS = ["metric", "site", "layer", "depth", "head", "run", "reference_run", "mean",
-                "reference_mean", "diff", "rel_diff", "sign", "reference_layer"]
+DIFF_COLUMNS = [
+    "metric",
+    "site",
+    "layer",
+    "depth",
+    "head",
+    "run",
+    "reference_run",
+    "mean",
+    "reference_mean",
+    "diff",
+    "rel_diff",
+    "sign",
+    "reference_layer",
+]
 
 
 @dataclass
@@ -73,8 +86,9 @@ class ComparisonResult:
         """The overlay figure: one panel per metric, one line per run, mean +/- sd bands."""
         from vitspec.plots.compare import compare_figure
 
-        return compare_figure(self.table, self.metrics, x=self.info["x"], order=self.labels,
-                              title=_title(self.info))
+        return compare_figure(
+            self.table, self.metrics, x=self.info["x"], order=self.labels, title=_title(self.info)
+        )
 
     def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
         """Write compare.png, compare.pdf, differences.csv and compare.json, all or nothing."""
@@ -119,7 +133,7 @@ def compare(
 
     Example:
         >>> c = compare(["runs/base", "runs/attnscale"], "runs/cmp")  # doctest: +SKIP
-        >>> c.differences.query("metric == 'patch_cos_abs'")[["layer", "diff", "sign"]]  # doctest: +SKIP
+        >>> c.differences.query("metric == 'patch_cos_abs'")  # doctest: +SKIP
     """
     run_dirs = [Path(d) for d in run_dirs]
     if len(run_dirs) < 2:
@@ -135,8 +149,9 @@ def compare(
     depths = [_depth(r) for r in results]
     x = x or ("depth" if len(set(depths)) > 1 else "layer")
     names = _select_metrics(results, labels, run_dirs, metrics, site)
-    table = pd.concat([_rows(r, label, names, site) for r, label in zip(results, labels)],
-                      ignore_index=True)
+    table = pd.concat(
+        [_rows(r, label, names, site) for r, label in zip(results, labels)], ignore_index=True
+    )
     differences = _differences(table, labels, depths, names)
     info = {
         "vitspec": _version(),
@@ -145,10 +160,15 @@ def compare(
         "site": site,
         "x": x,
         "metrics": names,
-        "matching": {label: "layer" if d == depths[0] else "nearest normalised depth"
-                     for label, d in zip(labels[1:], depths[1:])},
-        "runs": [_provenance(r, d, label, depth)
-                 for r, d, label, depth in zip(results, run_dirs, labels, depths)],
+        "not_in_every_run": _not_shared(results, labels, site, names),
+        "matching": {
+            label: "layer" if d == depths[0] else "nearest normalised depth"
+            for label, d in zip(labels[1:], depths[1:])
+        },
+        "runs": [
+            _provenance(r, d, label, depth)
+            for r, d, label, depth in zip(results, run_dirs, labels, depths)
+        ],
     }
     comparison = ComparisonResult(table=table, differences=differences, info=info)
     if out is not None:
@@ -162,7 +182,9 @@ def _labels(results: list[Result], dirs: list[Path], labels) -> list[str]:
             labels = [s.strip() for s in labels.split(",")]
         labels = [str(s) for s in labels]
         if len(labels) != len(results):
-            raise VitspecError(f"got {len(labels)} labels for {len(results)} runs; give one per run")
+            raise VitspecError(
+                f"got {len(labels)} labels for {len(results)} runs; give one per run"
+            )
         if len(set(labels)) != len(labels) or not all(labels):
             raise VitspecError(f"labels must be unique and non-empty, got {','.join(labels)}")
         return labels
@@ -203,15 +225,31 @@ def _select_metrics(results, labels, dirs, patterns, site) -> list[str]:
     for pattern in patterns:
         matched = [n for n in union if fnmatch.fnmatchcase(n, pattern)]
         if not matched:
-            raise VitspecError(f"no metric {pattern!r} at site {site!r} in any run; present: "
-                               f"{', '.join(union) or 'none'}")
+            raise VitspecError(
+                f"no metric {pattern!r} at site {site!r} in any run; present: "
+                f"{', '.join(union) or 'none'}"
+            )
         names += [n for n in matched if n not in names]
     for a, label, d in zip(available, labels, dirs):
         missing = [n for n in names if n not in a]
         if missing:
-            raise VitspecError(f"metric {missing[0]!r} is absent from run {label!r} ({d}) at site "
-                               f"{site!r}; present there: {', '.join(a) or 'none'}")
+            raise VitspecError(
+                f"metric {missing[0]!r} is absent from run {label!r} ({d}) "
+                f"(token metrics at site {site!r}, attention head means); "
+                f"present there: {', '.join(a) or 'none'}"
+            )
     return names
+
+
+def _not_shared(results, labels, site, names) -> dict[str, list[str]]:
+    """Metrics some runs have and others lack (left out of the default selection), by run."""
+    available = [_available(r, site) for r in results]
+    union = dict.fromkeys(n for a in available for n in a if n not in names)
+    return {
+        n: [lab for a, lab in zip(available, labels) if n in a]
+        for n in union
+        if not all(n in a for a in available)
+    }
 
 
 def _rows(result: Result, label: str, names: list[str], site: str) -> pd.DataFrame:
@@ -221,13 +259,15 @@ def _rows(result: Result, label: str, names: list[str], site: str) -> pd.DataFra
     rows = m[m["metric"].isin(names) & (token | attn)].copy()
     rows["run"] = label
     order = {n: i for i, n in enumerate(names)}
-    rows = rows.sort_values(["metric", "layer"], key=lambda s: s.map(order) if s.name == "metric"
-                            else s, kind="stable")
+    rows = rows.sort_values(
+        ["metric", "layer"], key=lambda s: s.map(order) if s.name == "metric" else s, kind="stable"
+    )
     return rows.reset_index(drop=True)
 
 
-def _differences(table: pd.DataFrame, labels: list[str], depths: list[int],
-                 names: list[str]) -> pd.DataFrame:
+def _differences(
+    table: pd.DataFrame, labels: list[str], depths: list[int], names: list[str]
+) -> pd.DataFrame:
     ref = table[table["run"] == labels[0]]
     ref_depth = depths[0]
     parts = []
@@ -251,14 +291,25 @@ def _differences(table: pd.DataFrame, labels: list[str], depths: list[int],
             tol = 1e-12 * np.maximum(np.abs(mean), np.abs(ref_mean))
             with np.errstate(divide="ignore", invalid="ignore"):
                 rel = np.where(ref_mean != 0, diff / np.abs(ref_mean), np.nan)
-            parts.append(pd.DataFrame({
-                "metric": metric, "site": site, "layer": group["layer"].to_numpy(),
-                "depth": group["depth"].to_numpy(), "head": group["head"].array, "run": label,
-                "reference_run": labels[0], "mean": mean, "reference_mean": ref_mean,
-                "diff": diff, "rel_diff": rel,
-                "sign": np.where(diff > tol, "+", np.where(diff < -tol, "-", "0")),
-                "reference_layer": matched,
-            }))
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "metric": metric,
+                        "site": site,
+                        "layer": group["layer"].to_numpy(),
+                        "depth": group["depth"].to_numpy(),
+                        "head": group["head"].array,
+                        "run": label,
+                        "reference_run": labels[0],
+                        "mean": mean,
+                        "reference_mean": ref_mean,
+                        "diff": diff,
+                        "rel_diff": rel,
+                        "sign": np.where(diff > tol, "+", np.where(diff < -tol, "-", "0")),
+                        "reference_layer": matched,
+                    }
+                )
+            )
     if not parts:
         return pd.DataFrame(columns=DIFF_COLUMNS)
     out = pd.concat(parts, ignore_index=True)[DIFF_COLUMNS]
@@ -271,7 +322,8 @@ def _provenance(result: Result, run_dir: Path, label: str, depth: int) -> dict:
     weights = info.get("weights") if isinstance(info.get("weights"), dict) else {}
     return {
         "label": label,
-        "dir": str(run_dir.resolve()),
+        "dir": str(run_dir),
+        "abs_dir": str(run_dir.resolve()),
         "run": info.get("run"),
         "model": info.get("model"),
         "timm_name": info.get("timm_name"),
@@ -289,8 +341,10 @@ def _title(info: dict) -> str:
     random = [run["label"] for run in info["runs"] if run.get("random_init")]
     used = sorted({run.get("images_used") for run in info["runs"]}, key=str)
     warn = f" - RANDOM INIT: {', '.join(random)}" if random else ""
-    return (f"{' vs '.join(labels)} - site {info['site']}, mean +/- sd over "
-            f"{'/'.join(str(u) for u in used)} images{warn}")
+    return (
+        f"{' vs '.join(labels)} - site {info['site']}, mean +/- sd over "
+        f"{'/'.join(str(u) for u in used)} images{warn}"
+    )
 
 
 def _version() -> str:

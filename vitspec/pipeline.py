@@ -1,11 +1,11 @@
 """Overlap metric computation with the forward pass: one background thread, in order, bounded.
 
-The hooks hand each layer's tensors to :class:`Pipeline`, which copies them and queues the
-callback; a single worker thread runs the callbacks in submission order (so results are
-identical to running them inline) while the main thread goes on with the next layer. The queue
-is bounded, so at most ``depth`` layers' tensors are in flight and memory stays flat. An error
-raised by a callback (e.g. NaN activations) is re-raised in the main thread at the next
-submission or at :meth:`Pipeline.join`.
+The hooks hand each layer's tensors to :class:`Pipeline`, which queues the callback; a single
+worker thread runs the callbacks in submission order (so results are identical to running them
+inline) while the main thread goes on with the next layer. The queue is bounded, so at most
+``depth`` layers' tensors are in flight and memory stays flat. An error raised by a callback
+(e.g. NaN activations) is re-raised in the main thread at the next submission or at
+:meth:`Pipeline.join`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import threading
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
 
 _STOP = object()
 
@@ -48,8 +47,9 @@ class Pipeline:
 
         def submit(*args) -> None:
             self._raise()
-            # the model may reuse its buffers after the hook returns: hand over private copies
-            args = tuple(a.detach().clone() if isinstance(a, Tensor) else a for a in args)
+            # the tensors are handed over as they are, not copied: the queue holds a reference,
+            # so their memory is not reused, and timm's blocks never modify their outputs or the
+            # attention maps in place (a model that did would need copies here)
             self._queue.put((fn, args))
 
         return submit

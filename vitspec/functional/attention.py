@@ -154,10 +154,11 @@ def attn_cos(attn: Attn, prev: Prev = None) -> Tensor:
     """
     v = attn_view(attn, prev)
     n = v.a.shape[-1]
-    unit = v.unit_columns
+    inv = v.inv_column_norms[..., None, :]  # [B, H, 1, N]
     if v.nonnegative:
-        s = unit.sum(dim=-1).to(torch.float64)  # sum of unit columns, [B, H, N]
-        return (s * s).sum(dim=-1) / n**2
+        s = (v.a @ inv.mT).to(torch.float64)  # sum of the unit columns, [B, H, N, 1]
+        return s.square().sum(dim=(-2, -1)) / n**2
+    unit = v.a * inv
     gram = unit.mT @ unit
     return gram.abs().to(torch.float64).sum(dim=(-2, -1)) / n**2
 
@@ -188,7 +189,8 @@ def attn_cross_layer_sim(attn: Attn, prev: Prev) -> Tensor:
             f"prev has shape {tuple(v.prev.a.shape)} but attn has shape {tuple(v.a.shape)}; "
             "attn_cross_layer_sim compares the same images and heads"
         )
-    cos = (v.unit_columns * v.prev.unit_columns.to(v.a.dtype)).sum(dim=-2)
+    dots = (v.a * v.prev.a.to(v.a.dtype)).sum(dim=-2)  # column dot products, [B, H, N]
+    cos = dots * v.inv_column_norms * v.prev.inv_column_norms.to(v.a.dtype)
     return cos.to(torch.float64).mean(dim=-1)
 
 

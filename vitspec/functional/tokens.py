@@ -165,8 +165,13 @@ def feat_var(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
         >>> feat_var(torch.tensor([[[0.0], [2.0]]]), 0, (1, 2)).item()
         2.0
     """
-    return token_view(tokens, num_prefix, grid).patches.var(dim=1, correction=1).mean(dim=-1)
-
+    v = token_view(tokens, num_prefix, grid)
+    # the patch tokens centred on the token mean (all N) are HC's patch rows; re-centring them on
+    # the patch mean subtracts G * (their mean)^2, a small correction (no cancellation)
+    hc = v.hc[:, v.num_prefix :]
+    g = hc.shape[1]
+    ss = hc.square().sum(dim=1) - g * hc.mean(dim=1).square()
+    return (ss / (g - 1)).mean(dim=-1)
 
 def dlogamp(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
     """Relative log amplitude of the patch grid's 2-D Fourier transform (Park & Kim 2022).

@@ -142,25 +142,21 @@ class AttnView:
     def nonnegative(self) -> bool:
         return bool((self.a >= 0).all())  # False for NaN too
 
+    @cached_property
+    def row_sums(self) -> Tensor:
+        """``A 1`` accumulated in float64, ``[B, H, N]``."""
+        return self.a.sum(dim=-1, dtype=_F64)
+
     def rows_sum_to_one(self, atol: float = 1e-4) -> bool:
-        """Every row sums to 1 within ``atol`` (sums accumulated in float64)."""
-        return bool(((self.a.sum(dim=-1, dtype=_F64) - 1).abs() <= atol).all())
+        """Every row sums to 1 within ``atol``."""
+        return bool(((self.row_sums - 1).abs() <= atol).all())
 
     @cached_property
-    def column_norms(self) -> Tensor:
-        """``||A[:, t]||`` per key column, ``[B, H, N]``."""
-        return self.a.norm(dim=-2)
-
-    @cached_property
-    def unit_columns(self) -> Tensor:
-        """Columns scaled to unit norm (a zero column stays zero), ``[B, H, N, N]``."""
-        tiny = torch.finfo(self.a.dtype).tiny
-        return self.a / self.column_norms.clamp_min(tiny)[..., None, :]
-
-    @cached_property
-    def column_centred(self) -> Tensor:
-        """``(I - J) A``: every column minus its mean, ``[B, H, N, N]``."""
-        return self.a - self.a.mean(dim=-2, keepdim=True)
+    def inv_column_norms(self) -> Tensor:
+        """``1 / ||A[:, t]||`` per key column (0 for a zero column), ``[B, H, N]``: the column
+        scaling of the cosine metrics, applied to products instead of forming unit columns."""
+        norms = self.a.norm(dim=-2)
+        return torch.where(norms > 0, 1 / norms, torch.zeros_like(norms))
 
     @cached_property
     def centred_dft(self) -> Tensor:
@@ -171,9 +167,10 @@ class AttnView:
         With the DC row ``1 / sqrt(N)`` they form an orthonormal basis, and every column of
         ``(I - J) A`` is orthogonal to the DC row, so this product keeps all the information of
         ``(I - J) A`` and gives both the spectrum (row norms) and ``attn_hc_gain`` (its largest
-        singular value after centring the rows) from one matrix product.
+        singular value after centring the rows) from one matrix product. ``W 1 = 0``, so
+        ``W (I - J) A = W A``: no centring pass is needed.
         """
-        return _real_dft(self.a.shape[-1], self.a.dtype, self.a.device) @ self.column_centred
+        return _real_dft(self.a.shape[-1], self.a.dtype, self.a.device) @ self.a
 
 
 @functools.lru_cache(maxsize=8)

@@ -13,9 +13,15 @@ LINESTYLES = ("-", "--", "-.", ":")
 X_LABELS = {"layer": "layer", "depth": "normalised depth (layer / L)"}
 
 
-def plot_compare(table: pd.DataFrame, metric: str, *, x: str = "layer",
-                 order: list[str] | None = None, band: bool = True,
-                 ax: Axes | None = None) -> Axes:
+def plot_compare(
+    table: pd.DataFrame,
+    metric: str,
+    *,
+    x: str = "layer",
+    order: list[str] | None = None,
+    band: bool = True,
+    ax: Axes | None = None,
+) -> Axes:
     """Mean (+/- sd band over images) of one metric, a line per run, against ``x``.
 
     Args:
@@ -38,14 +44,28 @@ def plot_compare(table: pd.DataFrame, metric: str, *, x: str = "layer",
         group = df[df["run"] == label].sort_values("layer")
         if group.empty:
             continue
-        (line,) = ax.plot(group[x], group["mean"], label=str(label), color=f"C{i % 10}",
-                          marker=MARKERS[i % len(MARKERS)], ms=3.5,
-                          ls=LINESTYLES[i % len(LINESTYLES)], lw=1.5)
+        (line,) = ax.plot(
+            group[x],
+            group["mean"],
+            label=str(label),
+            color=f"C{i % 10}",
+            marker=MARKERS[i % len(MARKERS)],
+            ms=3.5,
+            ls=LINESTYLES[i % len(LINESTYLES)],
+            lw=1.5,
+        )
         if band and group["n"].max() > 1 and group["std"].notna().all():
-            ax.fill_between(group[x], group["mean"] - group["std"], group["mean"] + group["std"],
-                            color=line.get_color(), alpha=0.15, lw=0)
-    where = "attn, head mean" if (df["site"] == "attn").any() else ", ".join(
-        dict.fromkeys(df["site"]))
+            ax.fill_between(
+                group[x],
+                group["mean"] - group["std"],
+                group["mean"] + group["std"],
+                color=line.get_color(),
+                alpha=0.15,
+                lw=0,
+            )
+    where = (
+        "attn, head mean" if (df["site"] == "attn").any() else ", ".join(dict.fromkeys(df["site"]))
+    )
     ax.set_title(f"{metric} ({where})", fontsize=10)
     ax.set_xlabel(X_LABELS.get(x, x))
     ax.ticklabel_format(axis="y", useOffset=False)  # nearly constant metrics: no "1e-5+2.83"
@@ -53,8 +73,14 @@ def plot_compare(table: pd.DataFrame, metric: str, *, x: str = "layer",
     return ax
 
 
-def compare_figure(table: pd.DataFrame, metrics: list[str], *, x: str = "layer",
-                   order: list[str] | None = None, title: str = "") -> Figure:
+def compare_figure(
+    table: pd.DataFrame,
+    metrics: list[str],
+    *,
+    x: str = "layer",
+    order: list[str] | None = None,
+    title: str = "",
+) -> Figure:
     """One panel per metric (``plot_compare``), one shared legend of the run labels below.
 
     Example:
@@ -65,8 +91,14 @@ def compare_figure(table: pd.DataFrame, metrics: list[str], *, x: str = "layer",
     for ax, name in zip(axes, metrics):
         plot_compare(table, name, x=x, order=order, ax=ax)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4),
-               fontsize=9, frameon=False)
+    fig.legend(
+        handles,
+        labels,
+        loc="outside lower center",
+        ncols=min(len(labels), 4),
+        fontsize=9,
+        frameon=False,
+    )
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
