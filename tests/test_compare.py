@@ -27,12 +27,22 @@ def runs(tmp_path_factory):
     """Run dirs: base (depth 3), other (depth 3, other weights), deep (depth 6), hc (hc_* only)."""
     root = tmp_path_factory.mktemp("runs")
     images = list(synthetic_batches(4, 2, (32, 32)))
-    specs = {"base": (3, 0, None), "other": (3, 1, None), "deep": (6, 2, None),
-             "hc": (3, 3, "hc_*")}
+    specs = {
+        "base": (3, 0, None),
+        "other": (3, 1, None),
+        "deep": (6, 2, None),
+        "hc": (3, 3, "hc_*"),
+    }
     dirs = {}
     for name, (depth, seed, metrics) in specs.items():
-        result = analyze(tiny(depth, seed), images=images, device="cpu", label=name,
-                         metrics=metrics, warn=lambda m: None)
+        result = analyze(
+            tiny(depth, seed),
+            images=images,
+            device="cpu",
+            label=name,
+            metrics=metrics,
+            warn=lambda m: None,
+        )
         dirs[name] = result.save(root / name, figures=False)
     return dirs
 
@@ -44,12 +54,17 @@ def read(run_dir):
 def hand_differences(ref_dir, run_dir, layer_map=None):
     """Differences by an independent route: merge the two metrics.csv files on their keys."""
     ref, cur = read(ref_dir), read(run_dir)
-    cur = cur[((cur["site"] == "block") & cur["head"].isna())
-              | ((cur["site"] == "attn") & (cur["head"] == -1).fillna(False))].copy()
+    cur = cur[
+        ((cur["site"] == "block") & cur["head"].isna())
+        | ((cur["site"] == "attn") & (cur["head"] == -1).fillna(False))
+    ].copy()
     cur["reference_layer"] = cur["layer"].map(layer_map) if layer_map else cur["layer"]
     ref = ref.rename(columns={"layer": "reference_layer", "mean": "reference_mean"})
-    merged = cur.merge(ref[["site", "reference_layer", "head", "metric", "reference_mean"]],
-                       on=["site", "reference_layer", "head", "metric"], how="inner")
+    merged = cur.merge(
+        ref[["site", "reference_layer", "head", "metric", "reference_mean"]],
+        on=["site", "reference_layer", "head", "metric"],
+        how="inner",
+    )
     merged["diff"] = merged["mean"] - merged["reference_mean"]
     return merged.set_index(KEYS).sort_index()
 
@@ -57,16 +72,19 @@ def hand_differences(ref_dir, run_dir, layer_map=None):
 def test_same_depth_differences_equal_a_merge_of_the_two_tables(runs):
     c = compare([runs["base"], runs["other"]], None)
     assert isinstance(c, ComparisonResult)
-    assert c.info["x"] == "layer" and c.labels == ["deit_tiny_patch16_224-base",
-                                                   "deit_tiny_patch16_224-other"]
+    assert c.info["x"] == "layer" and c.labels == [
+        "deit_tiny_patch16_224-base",
+        "deit_tiny_patch16_224-other",
+    ]
     d = c.differences.set_index(KEYS).sort_index()
     hand = hand_differences(runs["base"], runs["other"])
     assert d.index.equals(hand.index)
     assert len(d) == 8 * 3 + (4 * 3 - 1)  # 8 token metrics x 3 layers; 4 attn, cross-layer from 2
     np.testing.assert_allclose(d["reference_mean"], hand["reference_mean"], rtol=1e-12)
     np.testing.assert_allclose(d["diff"], hand["diff"], rtol=1e-9, atol=1e-15)
-    np.testing.assert_allclose(d["rel_diff"], hand["diff"] / hand["reference_mean"].abs(),
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        d["rel_diff"], hand["diff"] / hand["reference_mean"].abs(), rtol=1e-9
+    )
     expected = np.where(hand["diff"] > 0, "+", np.where(hand["diff"] < 0, "-", "0"))
     assert (d["sign"].to_numpy() == expected).all()
     assert (d["reference_layer"] == d.index.get_level_values("layer")).all()
@@ -75,8 +93,10 @@ def test_same_depth_differences_equal_a_merge_of_the_two_tables(runs):
 
 def test_against_itself_every_sign_is_zero(runs, tmp_path):
     c = compare([runs["base"], runs["base"]], None, metrics="patch_cos_abs,attn_entropy")
-    assert c.labels == ["deit_tiny_patch16_224-base (base) #1",
-                        "deit_tiny_patch16_224-base (base) #2"]
+    assert c.labels == [
+        "deit_tiny_patch16_224-base (base) #1",
+        "deit_tiny_patch16_224-base (base) #2",
+    ]
     assert (c.differences["sign"] == "0").all() and (c.differences["diff"] == 0).all()
     assert list(c.differences["metric"].unique()) == ["patch_cos_abs", "attn_entropy"]
 
@@ -100,16 +120,33 @@ def test_different_depths_match_the_nearest_normalised_depth(runs):
 def test_save_writes_figure_table_and_provenance(runs, tmp_path):
     out = tmp_path / "cmp"
     c = compare([runs["base"], runs["other"], runs["deep"]], out, labels="base,other,deep")
-    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.pdf",
-                                                     "compare.png", "differences.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "compare.json",
+        "compare.pdf",
+        "compare.png",
+        "differences.csv",
+    ]
     table = pd.read_csv(out / "differences.csv", dtype={"head": "Int64"})
-    assert list(table.columns[:12]) == ["metric", "site", "layer", "depth", "head", "run",
-                                        "reference_run", "mean", "reference_mean", "diff",
-                                        "rel_diff", "sign"]
+    assert list(table.columns[:12]) == [
+        "metric",
+        "site",
+        "layer",
+        "depth",
+        "head",
+        "run",
+        "reference_run",
+        "mean",
+        "reference_mean",
+        "diff",
+        "rel_diff",
+        "sign",
+    ]
     assert set(table["run"]) == {"other", "deep"} and set(table["sign"]) <= {"+", "-", "0"}
     info = json.loads((out / "compare.json").read_text())
-    assert [r["dir"] for r in info["runs"]] == [str(runs[k].resolve())
-                                                for k in ("base", "other", "deep")]
+    assert [r["abs_dir"] for r in info["runs"]] == [
+        str(runs[k].resolve()) for k in ("base", "other", "deep")
+    ]
+    assert info["not_in_every_run"] == {}
     assert [r["depth"] for r in info["runs"]] == [3, 3, 6]
     assert info["runs"][0]["checkpoint"] == "in-memory" and info["vitspec"]
     assert info["metrics"][0] == "patch_cos_abs" and len(info["metrics"]) == 12
@@ -129,17 +166,33 @@ def test_save_writes_figure_table_and_provenance(runs, tmp_path):
 
 def test_cli_compare_and_its_one_line_errors(runs, tmp_path, capsys):
     out = tmp_path / "cli"
-    code = main(["compare", str(runs["base"]), str(runs["hc"]), "--out", str(out), "--metrics",
-                 "hc_dc_ratio", "--x", "depth", "--quiet"])
+    code = main(
+        [
+            "compare",
+            str(runs["base"]),
+            str(runs["hc"]),
+            "--out",
+            str(out),
+            "--metrics",
+            "hc_dc_ratio",
+            "--x",
+            "depth",
+            "--quiet",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     d = pd.read_csv(out / "differences.csv")
-    assert set(d["metric"]) == {"hc_dc_ratio"} and list(d["depth"]) == pytest.approx([1/3, 2/3, 1])
+    assert set(d["metric"]) == {"hc_dc_ratio"} and list(d["depth"]) == pytest.approx(
+        [1 / 3, 2 / 3, 1]
+    )
 
     cases = [
         ([str(runs["base"])], "at least 2 run directories"),
         ([str(runs["base"]), str(tmp_path)], "not a vitspec run directory"),
-        ([str(runs["base"]), str(runs["hc"]), "--metrics", "patch_cos_abs"],
-         "'patch_cos_abs' is absent from run 'deit_tiny_patch16_224-hc'"),
+        (
+            [str(runs["base"]), str(runs["hc"]), "--metrics", "patch_cos_abs"],
+            "'patch_cos_abs' is absent from run 'deit_tiny_patch16_224-hc'",
+        ),
         ([str(runs["base"]), str(runs["hc"]), "--metrics", "nope"], "no metric 'nope'"),
         ([str(runs["base"]), str(runs["hc"]), "--labels", "a,a"], "unique"),
         ([str(runs["base"]), str(runs["hc"]), "--labels", "a"], "1 labels for 2 runs"),
