@@ -24,10 +24,10 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check vitspec tests benchmarks experiments
+	$(VENV)/bin/ruff check vitspec tests benchmarks experiments scripts
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/throughput.py --num-images 64 --repeats 3 --inline
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
