@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -16,11 +17,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import vitspec
-from vitspec.adapters import get_adapter
+from vitspec.adapters import Adapter, get_adapter
 from vitspec.capture import capture, check_sites
 from vitspec.collect import Collector, rows
 from vitspec.errors import VitspecError
-from vitspec.inputs import eval_transform, iter_batches, open_images
+from vitspec.inputs import ImageSet, eval_transform, iter_batches, open_images
 from vitspec.loading import LoadedModel, load_model
 from vitspec.metrics import MetricSpec, list_metrics
 from vitspec.pipeline import Pipeline
@@ -92,6 +93,108 @@ def load(
     )
 
 
+@dataclass
+class Source:
+    """A loaded model, its adapter, and the batches it is to run on (shared by analyze, verify).
+
+    Attributes:
+        loaded: the model and its weights' provenance.
+        net: the model, in eval mode, on ``device``.
+        adapter: where its blocks and attention are.
+        image_set: the image folder's files (None for tensor batches).
+        batches: preprocessed ``[B, 3, H, W]`` batches.
+        total: expected number of images (for the progress bar; None if unknown).
+        num_images: the number asked for.
+        device: where the model runs.
+        batch_size: images per batch.
+    """
+
+    loaded: LoadedModel
+    net: nn.Module
+    adapter: Adapter
+    image_set: ImageSet | None
+    batches: Iterator
+    total: int | None
+    num_images: int | None
+    device: torch.device
+    batch_size: int
+
+    def ids(self, label: str | None) -> dict:
+        """The leading columns: run (``<model>-<label>``), model, checkpoint."""
+        ckpt = self.loaded.checkpoint
+        label = label or (Path(ckpt).stem if ckpt != "random-init" else "random-init")
+        return {"run": f"{self.loaded.name}-{label}", "model": self.loaded.name, "checkpoint": ckpt}
+
+    def provenance(self, ids: dict, used: int) -> dict:
+        """The run.json fields every command shares: versions, model, weights, images."""
+        images = self.image_set
+        return {
+            "vitspec": vitspec.__version__,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "python": platform.python_version(),
+            "run": ids["run"],
+            "model": self.loaded.name,
+            "timm_name": self.loaded.timm_name,
+            "checkpoint": self.loaded.checkpoint,
+            "weights": self.loaded.provenance,
+            "random_init": self.loaded.checkpoint == "random-init",
+            "family": self.adapter.family,
+            "depth": self.adapter.depth,
+            "images": {
+                "source": images.source if images else "tensors",
+                "requested": self.num_images,
+                "used": used,
+                "skipped": images.skipped if images else [],
+                "files": images.used if images else [],
+            },
+        }
+
+    def timing(self, used: int, wall: float) -> dict:
+        """Device, batch size, threads, wall time, images per second and the command line."""
+        dev = self.device
+        return {
+            "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev)
+            if dev.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "batch_size": self.batch_size,
+            "threads": torch.get_num_threads(),
+            "wall_time_s": round(wall, 3),
+            "images_per_s": round(used / wall, 3) if wall > 0 else None,
+            "command": " ".join(sys.argv),
+        }
+
+
+def open_source(
+    model: str | nn.Module,
+    *,
+    images,
+    num_images: int | None,
+    batch_size: int,
+    device: torch.device,
+    warn: Callable[[str], None],
+    **weights,
+) -> Source:
+    """Load ``model`` (``weights``: the keyword arguments of :func:`load`), find its adapter and
+    open its images; every user mistake is a one-line :class:`VitspecError` before any work."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise VitspecError(f"--batch-size must be >= 1, got {batch_size!r}")
+    loaded = load(model, **weights)
+    for line in loaded.provenance.get("warnings", []):
+        warn(line)
+    net = loaded.model.eval()
+    adapter = get_adapter(net, loaded.timm_name)
+    if images is None or isinstance(images, (str, Path)):
+        image_set = open_images(images, num_images)
+        batches = iter_batches(image_set, eval_transform(net), batch_size, warn=warn)
+        total = num_images if num_images is not None else len(image_set.paths)
+    else:
+        image_set, batches, total = None, _tensor_batches(images, num_images), num_images
+    net.to(device)
+    return Source(loaded, net, adapter, image_set, batches, total, num_images, device, batch_size)
+
+
 def analyze(
     model: str | nn.Module,
     *,
@@ -151,9 +254,7 @@ def analyze(
     sites = check_sites(sites)
     specs = select_metrics(metrics)
     dev = resolve_device(device)
-    if batch_size < 1:
-        raise VitspecError(f"--batch-size must be >= 1, got {batch_size}")
-    loaded = load(
+    src = open_source(
         model,
         ckpt=ckpt,
         random_init=random_init,
@@ -162,18 +263,13 @@ def analyze(
         strict=strict,
         model_kwargs=model_kwargs,
         featscale_form=featscale_form,
+        images=images,
+        num_images=num_images,
+        batch_size=batch_size,
+        device=dev,
+        warn=warn,
     )
-    for line in loaded.provenance.get("warnings", []):
-        warn(line)
-    net = loaded.model.eval()
-    adapter = get_adapter(net, loaded.timm_name)
-    if images is None or isinstance(images, (str, Path)):
-        image_set = open_images(images, num_images)
-        batches = iter_batches(image_set, eval_transform(net), batch_size, warn=warn)
-        total = num_images if num_images is not None else len(image_set.paths)
-    else:
-        image_set, batches, total = None, _tensor_batches(images, num_images), num_images
-    net.to(dev)
+    net, adapter, batches = src.net, src.adapter, src.batches
 
     # Two lanes, each with its own collector: token sites and attention maps share no state, so
     # on CPU each lane runs on its own worker thread beside the forward pass (vitspec.pipeline),
@@ -181,7 +277,7 @@ def analyze(
     tokens = Collector([s for s in specs if s.kind.startswith("token")], adapter.num_prefix, warn)
     attn = Collector([s for s in specs if s.kind.startswith("attn")], adapter.num_prefix, warn)
     attention = bool(attn.attn_specs)
-    bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, leave=False)
+    bar = tqdm(total=src.total, unit="img", disable=not progress, file=sys.stderr, leave=False)
     used = 0
     start = time.perf_counter()
     threaded = pipeline and dev.type == "cpu"
@@ -220,38 +316,17 @@ def analyze(
     wall = time.perf_counter() - start
     bar.close()
 
-    label = label or (
-        Path(loaded.checkpoint).stem if loaded.checkpoint != "random-init" else "random-init"
-    )
-    ids = {"run": f"{loaded.name}-{label}", "model": loaded.name, "checkpoint": loaded.checkpoint}
+    ids = src.ids(label)
     kinds = {s.name: s.kind for s in specs}
     metric_rows, spectra_rows = rows({**tokens.moments, **attn.moments}, kinds, adapter.depth, ids)
     table = moments_frame(metric_rows, METRIC_COLUMNS)
     spectra = moments_frame(spectra_rows, SPECTRA_COLUMNS)
     validate(table, spectra)
     info = {
-        "vitspec": vitspec.__version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-        "run": ids["run"],
-        "model": loaded.name,
-        "timm_name": loaded.timm_name,
-        "checkpoint": loaded.checkpoint,
-        "weights": loaded.provenance,
-        "random_init": loaded.checkpoint == "random-init",
-        "family": adapter.family,
-        "depth": adapter.depth,
+        **src.provenance(ids, used),
         "num_heads": attn.num_heads,
         "num_prefix_tokens": adapter.num_prefix,
         "grid": list(tokens.grid),
-        "images": {
-            "source": image_set.source if image_set else "tensors",
-            "requested": num_images,
-            "used": used,
-            "skipped": image_set.skipped if image_set else [],
-            "files": image_set.used if image_set else [],
-        },
         "sites": list(sites),
         "metrics": [s.name for s in specs],
         "attention_refused": {str(k): v for k, v in attn.refused.items()},
@@ -260,16 +335,8 @@ def analyze(
             f"{name} layer {layer}": why for (layer, name), why in attn.refused_metrics.items()
         },
         "techniques": techniques(net),
-        "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev)
-        if dev.type == "cuda"
-        else platform.processor() or platform.machine(),
         "dtype": "float32 forward, float64 metrics and accumulation",
-        "batch_size": batch_size,
-        "threads": torch.get_num_threads(),
-        "wall_time_s": round(wall, 3),
-        "images_per_s": round(used / wall, 3) if wall > 0 else None,
-        "command": " ".join(sys.argv),
+        **src.timing(used, wall),
     }
     return Result(metrics=table, spectra=spectra, info=info)
 

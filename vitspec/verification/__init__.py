@@ -164,37 +164,25 @@ def _synthetic(sizes, max_steps: int, seed: int, start: float) -> VerifyResult:
 def _model(model, *, ckpt, random_init, seed, ema, strict, images, num_images, batch_size, device,
            label, max_steps, progress, warn, model_kwargs, featscale_form,
            start) -> VerifyResult:
-    from vitspec.adapters import get_adapter
-    from vitspec.analysis import _stderr_warn, _tensor_batches, load, resolve_device
+    from vitspec.analysis import _stderr_warn, open_source, resolve_device
     from vitspec.capture import capture
-    from vitspec.inputs import eval_transform, iter_batches, open_images
     from vitspec.verification.model import ModelVerifier
 
     warn = warn or _stderr_warn
     dev = resolve_device(device)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise VitspecError(f"--batch-size must be >= 1, got {batch_size!r}")
-    loaded = load(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema, strict=strict,
-                  model_kwargs=model_kwargs, featscale_form=featscale_form)
-    for line in loaded.provenance.get("warnings", []):
-        warn(line)
-    net = loaded.model.eval()
-    adapter = get_adapter(net, loaded.timm_name)
-    if images is None or isinstance(images, (str, Path)):
-        image_set = open_images(images, num_images)
-        batches = iter_batches(image_set, eval_transform(net), batch_size, warn=warn)
-        total = num_images if num_images is not None else len(image_set.paths)
-    else:
-        image_set, batches, total = None, _tensor_batches(images, num_images), num_images
-    net.to(dev)
+    src = open_source(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema,
+                      strict=strict, model_kwargs=model_kwargs, featscale_form=featscale_form,
+                      images=images, num_images=num_images, batch_size=batch_size, device=dev,
+                      warn=warn)
+    loaded, net, adapter = src.loaded, src.net, src.adapter
     verifier = ModelVerifier(adapter, dev, max_steps=max_steps, seed=seed)
-    bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, leave=False)
+    bar = tqdm(total=src.total, unit="img", disable=not progress, file=sys.stderr, leave=False)
     used = 0
     with torch.inference_mode(), capture(
         adapter, sites=("embed", "block"), on_tokens=verifier.on_tokens,
         on_attention=verifier.on_attention, on_attn_branch=verifier.on_attn_branch,
     ):
-        for batch in batches:
+        for batch in src.batches:
             verifier.start_batch()
             net(batch.to(dev, non_blocking=True))
             bar.update(batch.shape[0])
@@ -203,27 +191,13 @@ def _model(model, *, ckpt, random_init, seed, ema, strict, images, num_images, b
     if not verifier.tallies:
         raise VitspecError(f"no attention matrix was captured from {loaded.name}: its blocks "
                            "expose no post-softmax attention (attn.attn_drop)")
-    label = label or (Path(loaded.checkpoint).stem if loaded.checkpoint != "random-init"
-                      else "random-init")
-    ids = {"run": f"{loaded.name}-{label}", "model": loaded.name, "checkpoint": loaded.checkpoint}
+    ids = src.ids(label)
     df = table(verifier.tallies, ids, verifier.not_applicable())
     wall = time.perf_counter() - start
     info = {
-        **_versions(),
-        "run": ids["run"],
-        "model": loaded.name,
-        "timm_name": loaded.timm_name,
-        "checkpoint": loaded.checkpoint,
-        "weights": loaded.provenance,
-        "random_init": loaded.checkpoint == "random-init",
-        "family": adapter.family,
-        "depth": adapter.depth,
+        **src.provenance(ids, used),
         "num_heads": verifier.num_heads,
         "tokens": verifier.n_tokens,
-        "images": {"source": image_set.source if image_set else "tensors",
-                   "requested": num_images, "used": used,
-                   "skipped": image_set.skipped if image_set else [],
-                   "files": image_set.used if image_set else []},
         "seed": seed,
         "max_steps": max_steps,
         "tolerances": CHECKS,
@@ -233,13 +207,8 @@ def _model(model, *, ckpt, random_init, seed, ema, strict, images, num_images, b
                     "float32) and the exact float64 s_a used by every bound here",
         },
         "residual_rate": verifier.residual_note(),
-        "device": str(dev),
         "dtype": "float32 forward, float64 checks",
-        "batch_size": batch_size,
-        "threads": torch.get_num_threads(),
-        "wall_time_s": round(wall, 3),
-        "images_per_s": round(used / wall, 3) if wall > 0 else None,
-        "command": " ".join(sys.argv),
+        **src.timing(used, wall),
         "summary": summarise(df),
     }
     data = {k: pd.DataFrame(v) for k, v in verifier.figure_data().items()}
