@@ -60,18 +60,9 @@ def select_metrics(patterns: str | Sequence[str] | None) -> list[MetricSpec]:
     return chosen
 
 
-def load(
-    model: str | nn.Module,
-    *,
-    ckpt=None,
-    random_init=False,
-    seed=0,
-    ema=False,
-    strict=True,
-    model_kwargs=None,
-    featscale_form=None,
-) -> LoadedModel:
-    """A ``LoadedModel`` from a name (loading weights) or an in-memory module (used as is)."""
+def load(model: str | nn.Module, **weights) -> LoadedModel:
+    """A ``LoadedModel`` from a name (``weights``: the keyword arguments of
+    :func:`vitspec.loading.load_model`) or an in-memory module (used as is)."""
     if isinstance(model, nn.Module):
         name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
         return LoadedModel(
@@ -81,16 +72,7 @@ def load(
             checkpoint="in-memory",
             provenance={"source": "in-memory"},
         )
-    return load_model(
-        model,
-        ckpt=ckpt,
-        random_init=random_init,
-        seed=seed,
-        ema=ema,
-        strict=strict,
-        model_kwargs=model_kwargs,
-        featscale_form=featscale_form,
-    )
+    return load_model(model, **weights)
 
 
 @dataclass
@@ -176,7 +158,7 @@ def open_source(
     warn: Callable[[str], None],
     **weights,
 ) -> Source:
-    """Load ``model`` (``weights``: the keyword arguments of :func:`load`), find its adapter and
+    """Load ``model`` (``weights``: see :func:`load`), find its adapter and
     open its images; every user mistake is a one-line :class:`VitspecError` before any work."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise VitspecError(f"--batch-size must be >= 1, got {batch_size!r}")
