@@ -11,8 +11,10 @@ from vitspec.errors import VitspecError
 
 def _analyze(args: argparse.Namespace) -> int:
     from vitspec.analysis import analyze
+    from vitspec.loading import resolve_model_name
     from vitspec.results import check_out_dir
 
+    resolve_model_name(args.model)  # an unknown name fails before anything else is said or done
     label = args.label or (
         Path(args.ckpt).stem if args.ckpt else "random-init" if args.random_init else "pretrained"
     )
