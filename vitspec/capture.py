@@ -93,21 +93,9 @@ def capture(
                     )
                 )
         if on_attention is not None:
-            for layer, tap in enumerate(adapter.attn_taps, start=1):
-                if tap is not None:
-                    handles.append(
-                        tap.register_forward_pre_hook(
-                            lambda _m, args, layer=layer: on_attention(layer, args[0])
-                        )
-                    )
+            handles += _input_hooks(adapter.attn_taps, on_attention)
         if on_pre_attention is not None:
-            for layer, tap in enumerate(adapter.pre_attn_taps, start=1):
-                if tap is not None:
-                    handles.append(
-                        tap.register_forward_pre_hook(
-                            lambda _m, args, layer=layer: on_pre_attention(layer, args[0])
-                        )
-                    )
+            handles += _input_hooks(adapter.pre_attn_taps, on_pre_attention)
         if on_attn_branch is not None:
             handles += _branch_hooks(adapter, on_attn_branch)
         yield
@@ -116,6 +104,15 @@ def capture(
             handle.remove()
         for module, fused in saved:
             module.fused_attn = fused
+
+
+def _input_hooks(taps: list, callback: AttentionCallback) -> list:
+    """Hooks calling ``callback(layer, input)`` with the forward input of each tap (1-based)."""
+    return [
+        tap.register_forward_pre_hook(lambda _m, args, layer=layer: callback(layer, args[0]))
+        for layer, tap in enumerate(taps, start=1)
+        if tap is not None
+    ]
 
 
 def _mid_hooks(block, tap, layer: int, on_tokens: TokenCallback) -> list:
