@@ -19,6 +19,7 @@ from vitspec.functional.attention import (
     is_row_stochastic,
 )
 from vitspec.functional.linalg import (
+    top_singular_bracket,
     top_singular_value,
     top_singular_value_exact,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "rank_residual",
     "token_spectrum",
     "token_view",
+    "top_singular_bracket",
     "top_singular_value",
     "top_singular_value_exact",
 ]

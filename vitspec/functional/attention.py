@@ -13,6 +13,8 @@ checks each float32 path against a float64 NumPy reference to <= 1e-5 relative o
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -34,6 +36,7 @@ __all__ = [
 
 Attn = Tensor | AttnView
 Prev = Tensor | AttnView | None
+_FFT_BYTES = 4 << 20  # maps per FFT group (CPU): about this many bytes of input
 
 
 def is_row_stochastic(attn: Attn, atol: float = 1e-4) -> bool:
@@ -97,9 +100,11 @@ def attn_hc_gain(attn: Attn, prev: Prev = None) -> Tensor:
 
     The worst-case factor by which the map scales the high-frequency part of its input:
     ``||HC[A Z]||_F <= attn_hc_gain * ||HC[Z]||_F``. 1 for the identity map, 0 for uniform
-    attention. Computed with Lanczos (:func:`~vitspec.functional.linalg.top_singular_value`,
-    relative residual tolerance 1e-3, so the relative error is at most 5e-4 and in practice
-    ~1e-7) with exact SVD fallback; :func:`hc_gain_exact` is the float64 SVD reference.
+    attention. Computed with Lanczos (:func:`~vitspec.functional.linalg.top_singular_value`)
+    whose steps are two matrix-vector products with A itself, ``O(N^2)`` per step (the centring
+    is applied to the vectors); relative residual tolerance 1e-3, so the relative error is at
+    most 5e-4 and in practice ~1e-7, with exact SVD fallback; :func:`hc_gain_exact` is the
+    float64 SVD reference.
 
     Args:
         attn: ``[B, H, N, N]`` attention (any real matrix; row-stochasticity is not assumed).
@@ -112,8 +117,7 @@ def attn_hc_gain(attn: Attn, prev: Prev = None) -> Tensor:
         >>> round(attn_hc_gain(torch.eye(30).expand(1, 2, 30, 30)).tolist()[0][0], 6)
         1.0
     """
-    # sigma_max((I - J) A (I - J)) = sigma_max(W (I - J) A (I - J)): W is orthonormal on 1-perp
-    return top_singular_value(attn_view(attn, prev).centred_dft, centre=True)
+    return top_singular_value(attn_view(attn, prev).a, centre=True)
 
 
 def hc_gain_exact(attn: Tensor) -> Tensor:
@@ -198,9 +202,9 @@ def attn_spectrum(attn: Attn, prev: Prev = None) -> Tensor:
     """Norm of row k of ``S = F A F^H`` for k = 0..N-1 (F the unitary N-point DFT).
 
     ``F^H`` is unitary, so row k of S has the norm of row k of ``F A``: a DFT of every column
-    over the query axis, no second transform. For real A, row N-k of ``F A`` is the conjugate of
-    row k, so the real transform of :attr:`AttnView.centred_dft` (k = 1..N//2, shared with
-    ``attn_hc_gain``) gives all N values. ``S[0, 0] = 1`` and the k = 0 value is
+    over the query axis (one real FFT per column, ``O(N^2 log N)`` per map), no second
+    transform. For real A, row N-k of ``F A`` is the conjugate of row k, so k = 0..N//2 give all
+    N values. ``S[0, 0] = 1`` for row-stochastic A and the k = 0 value is
     ``sqrt(N) * ||column means||`` (1 for uniform attention, whose other values are 0).
 
     Args:
@@ -214,14 +218,17 @@ def attn_spectrum(attn: Attn, prev: Prev = None) -> Tensor:
         >>> attn_spectrum(torch.full((1, 1, 4, 4), 0.25)).squeeze().tolist()
         [1.0, 0.0, 0.0, 0.0]
     """
-    v = attn_view(attn, prev)
-    n = v.a.shape[-1]
-    half = (n - 1) // 2
-    row = v.centred_dft.square().sum(dim=-1).to(torch.float64)  # [B, H, N-1]
-    # k >= 1 of F A equals k >= 1 of F (I - J) A; W's cos and sin rows carry sqrt(2/N)
-    energy = (row[..., :half] + row[..., half : 2 * half]) / 2  # k = 1..half
-    if n % 2 == 0:
-        energy = torch.cat([energy, row[..., -1:]], dim=-1)  # Nyquist, k = n/2
-    dc = v.a.mean(dim=-2).to(torch.float64).square().sum(dim=-1, keepdim=True) * n
-    mirrored = energy[..., :half].flip(-1)  # k = n-half..n-1 mirror k = half..1
-    return torch.cat([dc, energy, mirrored], dim=-1).sqrt()
+    a = attn_view(attn, prev).a
+    n = a.shape[-1]
+    flat = a.reshape(-1, n, n)
+    # groups of maps near the cache size: the FFT's complex output is as large as its input
+    per = max(1, _FFT_BYTES // (n * n * a.element_size())) if a.device.type == "cpu" else len(flat)
+    norms = [
+        torch.linalg.vector_norm(
+            torch.view_as_real(torch.fft.rfft(flat[i : i + per], dim=-2)), dim=(-2, -1)
+        )
+        for i in range(0, flat.shape[0], per)
+    ]  # ||row k of the unnormalised DFT||, k = 0..N//2
+    half = torch.cat(norms).to(torch.float64).reshape(*a.shape[:-2], -1) / math.sqrt(n)
+    mirrored = half[..., 1 : (n + 1) // 2].flip(-1)  # k = N//2+1..N-1 mirror k = (N-1)//2..1
+    return torch.cat([half, mirrored], dim=-1)

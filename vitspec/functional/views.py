@@ -3,13 +3,12 @@ share computed once, on first use (``functools.cached_property``).
 
 Every metric function accepts a raw tensor or a view; the Collector builds one view per site and
 layer and passes it to every selected metric, so e.g. the centred tokens, the unit patch vectors,
-the centred attention and its Gram matrix are formed once per batch, not once per metric.
+the compute-dtype maps and their column norms are formed once per batch, not once per metric.
 A view is plain, short-lived data: it holds the tensors of one batch and nothing else.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from functools import cached_property
 
@@ -157,33 +156,6 @@ class AttnView:
         scaling of the cosine metrics, applied to products instead of forming unit columns."""
         norms = self.a.norm(dim=-2)
         return torch.where(norms > 0, 1 / norms, torch.zeros_like(norms))
-
-    @cached_property
-    def centred_dft(self) -> Tensor:
-        """``W (I - J) A``: the centred maps in an orthonormal real DFT basis, ``[B, H, N-1, N]``.
-
-        ``W`` holds the rows ``sqrt(2/N) cos(2 pi k j / N)`` for ``k = 1..K``, then the matching
-        ``sin`` rows, then (even N) the Nyquist row ``(-1)^j / sqrt(N)``, ``K = (N - 1) // 2``.
-        With the DC row ``1 / sqrt(N)`` they form an orthonormal basis, and every column of
-        ``(I - J) A`` is orthogonal to the DC row, so this product keeps all the information of
-        ``(I - J) A`` and gives both the spectrum (row norms) and ``attn_hc_gain`` (its largest
-        singular value after centring the rows) from one matrix product. ``W 1 = 0``, so
-        ``W (I - J) A = W A``: no centring pass is needed.
-        """
-        return _real_dft(self.a.shape[-1], self.a.dtype, self.a.device) @ self.a
-
-
-@functools.lru_cache(maxsize=8)
-def _real_dft(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The ``(n - 1) x n`` orthonormal real DFT basis without its DC row (see ``centred_dft``)."""
-    half = (n - 1) // 2
-    k = torch.arange(1, half + 1, dtype=_F64)[:, None]
-    j = torch.arange(n, dtype=_F64)[None]
-    angle = 2 * math.pi * ((k * j) % n) / n  # exact reduction before the float64 cos/sin
-    rows = [angle.cos() * math.sqrt(2 / n), angle.sin() * math.sqrt(2 / n)]
-    if n % 2 == 0:
-        rows.append((-1.0) ** j / math.sqrt(n))
-    return torch.cat(rows).to(dtype=dtype, device=device)
 
 
 def token_view(tokens: Tensor | TokenView, num_prefix: int, grid: tuple[int, int]) -> TokenView:
