@@ -37,6 +37,8 @@ PATTERN_PRE = "pattern_pre"
 SITES = (RESID_PRE, RESID_MID, RESID_POST, ATTN_IN, ATTN_OUT, PATTERN, PATTERN_PRE)
 TOKEN_SITES = (RESID_PRE, RESID_MID, RESID_POST)
 PATTERN_SITES = (PATTERN, PATTERN_PRE)
+#: sites only some models have by construction (AttnScale blocks); absent without a reason
+OPTIONAL_SITES = (PATTERN_PRE,)
 
 #: contract ``site`` column -> the site it reads
 CONTRACT_SITES = {"embed": RESID_PRE, "mid": RESID_MID, "block": RESID_POST}
