@@ -24,7 +24,9 @@ class Layer:
         stage: the stage's name for run.json (``"stage 2"``).
         post: the block output tap (``resid_post``), transformed to ``[B, N, C]``.
         layout: how ``post``'s raw value holds the grid: ``"nhwc"``, ``"nchw"``, or ``"tokens"``
-            (``[B, N, C]``: the family's :meth:`LayeredAdapter.grids` supplies the grid).
+            (``[B, N, C]``: then ``grid_from`` says where the grid is read).
+        grid_from: ``(module, "input" | "output", "nhwc" | "nchw")``: a map with this layer's
+            grid and width (for ``"tokens"`` layouts, e.g. the stage's patch embedding).
         pre: the block input tap (``resid_pre``); only layer 1's becomes a table row.
         mid: ``resid_mid`` (block input + attention branch), None when missing.
         attn_in: the attention branch input ``[B, N, C]``; attn_out: the branch added.
@@ -42,6 +44,7 @@ class Layer:
     stage: str
     post: Tap
     layout: str = "tokens"
+    grid_from: tuple[nn.Module, str, str] | None = None
     pre: Tap | None = None
     mid: Tap | None = None
     attn_in: Tap | None = None
@@ -102,12 +105,22 @@ class LayeredAdapter(Adapter):
         return out
 
     def grids(self, image_hw: tuple[int, int]) -> list[tuple[tuple[int, int], int]]:
-        """``(grid, channels)`` for layers 0..L; the default reads the shapes of layer 1's input
-        and every layer's output in one zero-image forward pass (NHWC / NCHW layouts)."""
-        probes = {0: (self.layers[0].pre.module, self.layers[0].pre.when)}
-        probes.update({n: (la.post.module, la.post.when) for n, la in enumerate(self.layers, 1)})
+        """``(grid, channels)`` for layers 0..L, read in one zero-image forward pass from each
+        layer's output map (or its ``grid_from``); layer 0 from layer 1's input map (token
+        layouts: layer 1's grid, no stage changes the grid inside a block's input)."""
+        probes, layouts = {}, {}
+        for n, layer in enumerate(self.layers, start=1):
+            if layer.grid_from is not None:
+                module, when, layouts[n] = layer.grid_from
+            else:
+                module, when, layouts[n] = layer.post.module, layer.post.when, layer.layout
+            probes[n] = (module, when)
+        first = self.layers[0]
+        if first.grid_from is None:
+            probes[0], layouts[0] = (first.pre.module, first.pre.when), first.layout
+        else:
+            probes[0], layouts[0] = probes[1], layouts[1]
         shapes = shape_probe(self.model, image_hw, probes)
-        layouts = [self.layers[0].layout] + [la.layout for la in self.layers]
         return [_grid_of(shapes[n], layouts[n]) for n in range(len(self.layers) + 1)]
 
     def geometry(self, image_hw: tuple[int, int]) -> list[Geometry]:
@@ -137,7 +150,7 @@ def _grid_of(shape: tuple[int, ...], layout: str) -> tuple[tuple[int, int], int]
         return (shape[1], shape[2]), shape[3]
     if layout == "nchw":
         return (shape[2], shape[3]), shape[1]
-    raise ValueError(f"layout {layout!r}: the family's grids() must supply [B, N, C] grids")
+    raise ValueError(f"layout {layout!r}: a [B, N, C] layer needs Layer.grid_from")
 
 
 def _by_site(entries: list[tuple[str, str | None]]) -> dict[str, str]:

@@ -16,7 +16,6 @@ from timm.models.twins import LocallyGroupedAttn, Twins
 from vitspec.adapters import register
 from vitspec.adapters.base import FamilyInfo, Tap, pair
 from vitspec.adapters.layered import Layer, LayeredAdapter
-from vitspec.adapters.layout import shape_probe
 
 
 @register(Twins)
@@ -36,6 +35,7 @@ class TwinsAdapter(LayeredAdapter):
     def build(self) -> list[Layer]:
         out = []
         for i, stage in enumerate(self.model.blocks):
+            embed = self.model.patch_embeds[i].proj
             for block in stage:
                 block_in = Tap(block, "input")
                 local = isinstance(block.attn, LocallyGroupedAttn)
@@ -43,6 +43,7 @@ class TwinsAdapter(LayeredAdapter):
                     Layer(
                         stage=f"stage {i + 1}",
                         post=Tap(block, "output"),
+                        grid_from=(embed, "output", "nchw"),
                         pre=block_in,
                         mid=Tap(block.drop_path1, "output", plus=block_in),
                         attn_in=Tap(block.norm1, "output"),
@@ -52,10 +53,3 @@ class TwinsAdapter(LayeredAdapter):
                     )
                 )
         return out
-
-    def grids(self, image_hw: tuple[int, int]) -> list[tuple[tuple[int, int], int]]:
-        embeds = {i: (e.proj, "output") for i, e in enumerate(self.model.patch_embeds)}
-        shapes = shape_probe(self.model, image_hw, embeds)
-        stage_grid = [((s[2], s[3]), s[1]) for _, s in sorted(shapes.items())]
-        per_layer = [stage_grid[i] for i, stage in enumerate(self.model.blocks) for _ in stage]
-        return [per_layer[0], *per_layer]
