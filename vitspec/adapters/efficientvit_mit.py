@@ -12,8 +12,10 @@ aggregated copies are heads of their own). The implicit attention it applies is
 out, so rows sum to 1). The hook on ``LiteMLA`` forms it from the module's own input (its
 ``qkv`` convolution, aggregation and kernel) in float32 as the module does. Above
 ``MAX_QUERIES`` tokens only a seeded subsample of query rows is formed (``[B, H, m, N]``,
-non-square: then only ``attn_entropy``). A query whose ``relu(q)`` is all zero has a zero row (the
-module outputs 0 for it); its entropy counts as 0.
+non-square: then only ``attn_entropy``). Where a row sum is 0 (``relu(q_i)`` has no overlap with
+any ``relu(k_j)``; rare: none among the rows of 8 random-init ``efficientvit_b0`` and ``b1``
+images) A is undefined and the module outputs 0 for that query; vitspec gives such
+a row the uniform weights 1/N so that A stays row-stochastic.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def linear_attention_qk(mla: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def row_normalised(q: Tensor, k: Tensor, max_queries: int = MAX_QUERIES) -> Tensor:
-    """``A = q k^T`` with rows divided by their sums (all-zero rows stay zero); above
+    """``A = q k^T`` with rows divided by their sums (rows summing to 0: uniform); above
     ``max_queries`` query rows, the rows of a seeded subsample (sorted).
 
     Example:
@@ -52,7 +54,7 @@ def row_normalised(q: Tensor, k: Tensor, max_queries: int = MAX_QUERIES) -> Tens
         >>> k = torch.tensor([[[[1.0, 1.0], [3.0, 0.0]]]])
         >>> row_normalised(q, k)
         tensor([[[[0.2500, 0.7500],
-                  [0.0000, 0.0000]]]])
+                  [0.5000, 0.5000]]]])
     """
     n = q.shape[-2]
     if n > max_queries:
@@ -61,7 +63,9 @@ def row_normalised(q: Tensor, k: Tensor, max_queries: int = MAX_QUERIES) -> Tens
         q = q[..., rows.to(q.device), :]
     a = q @ k.transpose(-2, -1)
     sums = a.sum(-1, keepdim=True)
-    return a / torch.where(sums > 0, sums, torch.ones_like(sums))
+    undefined = sums == 0
+    a = torch.where(undefined, torch.ones_like(a), a)
+    return a / torch.where(undefined, float(a.shape[-1]), sums)
 
 
 @register(EfficientVit)
