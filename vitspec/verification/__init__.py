@@ -22,7 +22,6 @@ import pandas as pd
 import timm
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 import vitspec
 from vitspec.errors import VitspecError
@@ -164,40 +163,33 @@ def _synthetic(sizes, max_steps: int, seed: int, start: float) -> VerifyResult:
 def _model(model, *, ckpt, random_init, seed, ema, strict, images, num_images, batch_size, device,
            label, max_steps, progress, warn, model_kwargs, featscale_form,
            start) -> VerifyResult:
-    from vitspec.analysis import _stderr_warn, open_source, resolve_device
-    from vitspec.capture import capture
+    from vitspec.engine import Inputs, Weights, open_session, run, stderr_warn
     from vitspec.verification.model import ModelVerifier
 
-    warn = warn or _stderr_warn
-    dev = resolve_device(device)
-    src = open_source(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema,
-                      strict=strict, model_kwargs=model_kwargs, featscale_form=featscale_form,
-                      images=images, num_images=num_images, batch_size=batch_size, device=dev,
-                      warn=warn)
-    loaded, net, adapter = src.loaded, src.net, src.adapter
-    verifier = ModelVerifier(adapter, dev, max_steps=max_steps, seed=seed)
-    bar = tqdm(total=src.total, unit="img", disable=not progress, file=sys.stderr, leave=False)
-    used = 0
-    with torch.inference_mode(), capture(
-        adapter, sites=("embed", "block"), on_tokens=verifier.on_tokens,
-        on_attention=verifier.on_attention, on_attn_branch=verifier.on_attn_branch,
-    ):
-        for batch in src.batches:
-            verifier.start_batch()
-            net(batch.to(dev, non_blocking=True))
-            bar.update(batch.shape[0])
-            used += batch.shape[0]
-    bar.close()
+    warn = warn or stderr_warn
+    session = open_session(
+        model,
+        weights=Weights(ckpt, random_init, seed, ema, strict, model_kwargs, featscale_form),
+        inputs=Inputs(images, num_images, batch_size),
+        device=device,
+        warn=warn,
+    )
+    verifier = ModelVerifier(session.adapter, session.device, max_steps=max_steps, seed=seed)
+    done = run(session, [verifier], progress=progress, warn=warn)
     if not verifier.tallies:
-        raise VitspecError(f"no attention matrix was captured from {loaded.name}: its blocks "
-                           "expose no post-softmax attention (attn.attn_drop)")
-    ids = src.ids(label)
+        raise VitspecError(f"no attention matrix was captured from {session.loaded.name}: "
+                           "its blocks expose no square post-softmax attention")
+    ids = session.ids(label)
     df = table(verifier.tallies, ids, verifier.not_applicable())
     wall = time.perf_counter() - start
+    unavailable = done.unavailable.as_dict()
+    unavailable.update({f"checks at layer {layer}": why for layer, why in verifier.shapes.items()})
     info = {
-        **src.provenance(ids, used),
+        **session.provenance(ids, done.used),
         "num_heads": verifier.num_heads,
         "tokens": verifier.n_tokens,
+        "stages": done.stages,
+        "unavailable": unavailable,
         "seed": seed,
         "max_steps": max_steps,
         "tolerances": CHECKS,
@@ -208,7 +200,7 @@ def _model(model, *, ckpt, random_init, seed, ema, strict, images, num_images, b
         },
         "residual_rate": verifier.residual_note(),
         "dtype": "float32 forward, float64 checks",
-        **src.timing(used, wall),
+        **session.timing(done.used, wall),
         "summary": summarise(df),
     }
     data = {k: pd.DataFrame(v) for k, v in verifier.figure_data().items()}
