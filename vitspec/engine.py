@@ -13,7 +13,9 @@ torchmetrics' sense, so sharded runs gather in one place).
 from __future__ import annotations
 
 import platform
+import queue
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -289,8 +291,24 @@ def run(
     head_params = adapter.head_params()
     threaded = pipeline and dev.type == "cpu"
     bar = tqdm(total=session.total, unit="img", disable=not progress, file=sys.stderr, leave=False)
-    used, index, image_hw = 0, 0, None
+    workers = torch.get_num_threads() if threaded else 1
     start = time.perf_counter()
+    if workers > 1 and all(hasattr(c, "spawn") for c in consumers):
+        used, image_hw = _data_parallel(session, consumers, workers, head_params, bar)
+    else:
+        used, image_hw = _lanes(session, consumers, threaded, head_params, bar)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    wall = time.perf_counter() - start
+    stages = adapter.stages(image_hw) if image_hw is not None else []
+    return RunInfo(used, wall, image_hw, stages, unavailable)
+
+
+def _lanes(session: Session, consumers, threaded: bool, head_params: dict, bar):
+    """One forward pass at a time; each consumer on its own worker lane beside it (threaded)."""
+    adapter, dev = session.adapter, session.device
+    sites = frozenset().union(*(c.sites for c in consumers))
+    used, index, image_hw = 0, 0, None
     with ExitStack() as stack:
         lanes = [stack.enter_context(Pipeline(1) if threaded else _Inline()) for _ in consumers]
         stack.callback(bar.close)
@@ -317,11 +335,73 @@ def run(
                 index += 1
         for lane in lanes:
             lane.join()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    wall = time.perf_counter() - start
-    stages = adapter.stages(image_hw) if image_hw is not None else []
-    return RunInfo(used, wall, image_hw, stages, unavailable)
+    return used, image_hw
+
+
+def _data_parallel(session: Session, consumers, workers: int, head_params: dict, bar):
+    """Whole batches over ``workers`` threads (batch i on thread i mod workers, one core each),
+    each thread with its own copies of the consumers (``spawn()``), folded into ``consumers``
+    with ``merge_state`` in thread order at the end: every batch is measured exactly as in one
+    thread, and both cores run the forward pass and the metrics without waiting on each other.
+    """
+    adapter, dev = session.adapter, session.device
+    sites = frozenset().union(*(c.sites for c in consumers))
+    teams = [list(consumers)] + [[c.spawn() for c in consumers] for _ in range(workers - 1)]
+    local = threading.local()
+    queues = [queue.Queue(maxsize=1) for _ in range(workers)]
+    errors: list[BaseException] = []
+
+    def emit(site: str, layer: int, x: Tensor) -> None:
+        for consumer in local.team:
+            if site in consumer.sites:
+                consumer.on(site, layer, x)
+
+    def work(team, jobs) -> None:
+        torch.set_num_threads(1)
+        local.team = team
+        with torch.inference_mode():
+            while (job := jobs.get()) is not None:
+                if not errors:
+                    try:
+                        info, batch = job
+                        for consumer in team:
+                            consumer.start_batch(info)
+                        session.net(batch.to(dev, non_blocking=True))
+                    except BaseException as err:  # handed to the main thread
+                        errors.append(err)
+
+    threads = [
+        threading.Thread(target=work, args=(team, jobs), name=f"vitspec-{i}", daemon=True)
+        for i, (team, jobs) in enumerate(zip(teams, queues))
+    ]
+    used, index, image_hw = 0, 0, None
+    with capture(adapter, sites, emit):
+        for t in threads:
+            t.start()
+        try:
+            for batch in session.batches:
+                if errors:
+                    break
+                image_hw = tuple(batch.shape[-2:])
+                info = BatchInfo(
+                    index, batch.shape[0], image_hw, adapter.geometry(image_hw), head_params
+                )
+                queues[index % workers].put((info, batch))
+                bar.update(batch.shape[0])
+                used += batch.shape[0]
+                index += 1
+        finally:
+            for jobs in queues:
+                jobs.put(None)
+            for t in threads:
+                t.join()
+            bar.close()
+    if errors:
+        raise errors[0]
+    for team in teams[1:]:
+        for mine, theirs in zip(consumers, team):
+            mine.merge_state(theirs.state())
+    return used, image_hw
 
 
 @contextmanager

@@ -13,14 +13,12 @@ checks each float32 path against a float64 NumPy reference to <= 1e-5 relative o
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from vitspec.errors import VitspecError
 from vitspec.functional.linalg import compute_dtype, top_singular_value, top_singular_value_exact
-from vitspec.functional.views import AttnView, _check_attn, attn_view
+from vitspec.functional.views import AttnView, _check_attn, attn_view, per_map
 
 __all__ = [
     "attn_cos",
@@ -36,7 +34,6 @@ __all__ = [
 
 Attn = Tensor | AttnView
 Prev = Tensor | AttnView | None
-_FFT_BYTES = 4 << 20  # maps per FFT group (CPU): about this many bytes of input
 
 
 def is_row_stochastic(attn: Attn, atol: float = 1e-4) -> bool:
@@ -74,9 +71,14 @@ def attn_entropy(attn: Attn, prev: Prev = None) -> Tensor:
         1.386294
     """
     a = attn_view(attn, prev).a
-    # 0 log 0 = 0: clamping a zero (underflowed) entry before the log keeps the product 0
-    row = -(a * a.clamp_min(torch.finfo(a.dtype).tiny).log()).sum(dim=-1)  # [B, H, N]
-    return row.to(torch.float64).mean(dim=-1)
+    tiny = torch.finfo(a.dtype).tiny
+
+    def rows(g: Tensor) -> Tensor:
+        # 0 log 0 = 0: a zero (underflowed) entry gets log(tiny), so its product stays 0; tiny
+        # is below every float32/float64 probability that changes when it is added
+        return -(g * (g + tiny).log_()).sum(dim=-1)
+
+    return per_map(rows, a).to(torch.float64).mean(dim=-1)
 
 
 def double_centre(attn: Tensor) -> Tensor:
@@ -193,7 +195,8 @@ def attn_cross_layer_sim(attn: Attn, prev: Prev) -> Tensor:
             f"prev has shape {tuple(v.prev.a.shape)} but attn has shape {tuple(v.a.shape)}; "
             "attn_cross_layer_sim compares the same images and heads"
         )
-    dots = (v.a * v.prev.a.to(v.a.dtype)).sum(dim=-2)  # column dot products, [B, H, N]
+    # column dot products, [B, H, N]
+    dots = per_map(lambda x, y: (x * y).sum(dim=-2), v.a, v.prev.a.to(v.a.dtype))
     cos = dots * v.inv_column_norms * v.prev.inv_column_norms.to(v.a.dtype)
     return cos.to(torch.float64).mean(dim=-1)
 
@@ -202,9 +205,8 @@ def attn_spectrum(attn: Attn, prev: Prev = None) -> Tensor:
     """Norm of row k of ``S = F A F^H`` for k = 0..N-1 (F the unitary N-point DFT).
 
     ``F^H`` is unitary, so row k of S has the norm of row k of ``F A``: a DFT of every column
-    over the query axis (one real FFT per column, ``O(N^2 log N)`` per map), no second
-    transform. For real A, row N-k of ``F A`` is the conjugate of row k, so k = 0..N//2 give all
-    N values. ``S[0, 0] = 1`` for row-stochastic A and the k = 0 value is
+    over the query axis (FFTs, ``O(N^2 log N)`` per map, two real columns per complex
+    transform), no second transform. ``S[0, 0] = 1`` for row-stochastic A and the k = 0 value is
     ``sqrt(N) * ||column means||`` (1 for uniform attention, whose other values are 0).
 
     Args:
@@ -220,15 +222,19 @@ def attn_spectrum(attn: Attn, prev: Prev = None) -> Tensor:
     """
     a = attn_view(attn, prev).a
     n = a.shape[-1]
-    flat = a.reshape(-1, n, n)
-    # groups of maps near the cache size: the FFT's complex output is as large as its input
-    per = max(1, _FFT_BYTES // (n * n * a.element_size())) if a.device.type == "cpu" else len(flat)
-    norms = [
-        torch.linalg.vector_norm(
-            torch.view_as_real(torch.fft.rfft(flat[i : i + per], dim=-2)), dim=(-2, -1)
-        )
-        for i in range(0, flat.shape[0], per)
-    ]  # ||row k of the unnormalised DFT||, k = 0..N//2
-    half = torch.cat(norms).to(torch.float64).reshape(*a.shape[:-2], -1) / math.sqrt(n)
-    mirrored = half[..., 1 : (n + 1) // 2].flip(-1)  # k = N//2+1..N-1 mirror k = (N-1)//2..1
-    return torch.cat([half, mirrored], dim=-1)
+    energy = per_map(_column_pair_energy, a).reshape(-1, n)  # groups: the FFT output is as big
+    # two real columns x, y as z = x + iy: |X_k|^2 + |Y_k|^2 = (|Z_k|^2 + |Z_(N-k)|^2) / 2
+    energy = (energy + energy.roll(-1, dims=-1).flip(-1)) / (2 * n)  # ||row k of F A||^2
+    return energy.clamp_min(0).sqrt().reshape(*a.shape[:-2], n)
+
+
+def _column_pair_energy(a: Tensor) -> Tensor:
+    """``sum_j |DFT(z_j)_k|^2`` over the complex columns ``z_j = a[:, 2j] + i a[:, 2j+1]``
+    (a zero column pads odd N), float64 ``[b, N]``: half the transforms of one real FFT per
+    column, and no strided copy for even N."""
+    b, n, _ = a.shape
+    if n % 2:
+        a = torch.cat([a, a.new_zeros(b, n, 1)], dim=-1)
+    z = torch.view_as_complex(a.reshape(b, n, -1, 2))
+    f = torch.fft.fft(z.mT, dim=-1)  # [b, pairs, N (k)]: transforms along contiguous memory
+    return f.abs().square().sum(dim=1).to(torch.float64)

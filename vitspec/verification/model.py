@@ -95,10 +95,16 @@ class ModelVerifier:
     _PARTS = {RESID_PRE: "x", ATTN_IN: "input", ATTN_OUT: "output", PATTERN: "attn"}
 
     def start_batch(self, info=None) -> None:
+        # seeded by the run's batch index, so a batch gets the same test vectors on any thread
+        index = self.batch if info is None else info.index
         self._held.clear()
         self._paths = None
-        self._gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batch)
+        self._gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         self.batch += 1
+
+    def spawn(self) -> ModelVerifier:
+        """An empty verifier with this one's options, for another thread of the same run."""
+        return ModelVerifier(self.adapter, self.device, max_steps=self.max_steps, seed=self.seed)
 
     def on(self, site: str, layer: int, x: Tensor) -> None:
         if site == RESID_POST:
