@@ -27,7 +27,7 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check vitspec tests benchmarks experiments scripts
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/throughput.py --num-images 64 --repeats 3 --inline
+	$(PY) benchmarks/throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
