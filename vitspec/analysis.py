@@ -4,27 +4,36 @@ from __future__ import annotations
 
 import fnmatch
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 import vitspec
 from vitspec.adapters import Adapter, get_adapter
-from vitspec.capture import capture, check_sites
+from vitspec.capture import capture, check_sites, finite_guard
 from vitspec.collect import Collector, rows
-from vitspec.errors import VitspecError
-from vitspec.inputs import ImageSet, eval_transform, iter_batches, open_images
-from vitspec.loading import LoadedModel, load_model
+from vitspec.errors import VitspecError, option
+from vitspec.inputs import (
+    ImageSet,
+    check_count,
+    eval_data_config,
+    eval_transform,
+    iter_batches,
+    open_images,
+)
+from vitspec.loading import LoadedModel, check_weights, load_model
 from vitspec.metrics import MetricSpec, list_metrics
+from vitspec.outputs import OutputDir
 from vitspec.pipeline import Pipeline
+from vitspec.progress import Progress, choose_mode
 from vitspec.results import METRIC_COLUMNS, SPECTRA_COLUMNS, Result, moments_frame, validate
 from vitspec.scaling import techniques
 
@@ -33,12 +42,16 @@ def resolve_device(device: str) -> torch.device:
     """``auto`` picks CUDA when present; asking for CUDA without it is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise VitspecError(f"unknown device {device!r}; allowed: auto, cpu, cuda")
+    if not isinstance(device, str) or (
+        device not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device)
+    ):
+        raise VitspecError(
+            f"unknown {option('device')} {device!r}; allowed: auto, cpu, cuda, cuda:N"
+        )
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise VitspecError(
-            "--device cuda was asked for but CUDA is not available on this machine; "
-            "use --device cpu or auto"
+            f"{option('device')} {device} was asked for but CUDA is not available on this "
+            "machine; use cpu or auto"
         )
     return torch.device(device)
 
@@ -54,7 +67,7 @@ def select_metrics(patterns: str | Sequence[str] | None) -> list[MetricSpec]:
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(s.name, p) for s in specs)]
     if unmatched or not chosen:
         raise VitspecError(
-            f"no metric matches {unmatched[0] if unmatched else patterns!r}; "
+            f"no metric matches {option('metrics')} {unmatched[0] if unmatched else patterns!r}; "
             f"allowed: {', '.join(s.name for s in specs)}"
         )
     return chosen
@@ -126,6 +139,9 @@ class Source:
             "images": {
                 "source": images.source if images else "tensors",
                 "requested": self.num_images,
+                "found": images.found if images else None,
+                "sample": images.sample if images else "first",
+                "sample_seed": images.seed if images and images.sample == "random" else None,
                 "used": used,
                 "skipped": images.skipped if images else [],
                 "files": images.used if images else [],
@@ -148,33 +164,91 @@ class Source:
         }
 
 
-def open_source(
+def check_request(
     model: str | nn.Module,
     *,
     images,
     num_images: int | None,
     batch_size: int,
+    sample: str,
+    sample_seed: int,
+    **weights,
+) -> ImageSet | None:
+    """Every check that needs no model and reads no image: the model name and weight options
+    (``weights``: see :func:`vitspec.loading.check_weights`), batch size, image selection.
+    Returns the listed image folder (None for tensor batches)."""
+    check_count(batch_size, "batch_size")
+    if not isinstance(model, nn.Module):
+        check_weights(model, **weights)
+    if images is None or isinstance(images, (str, Path)):
+        return open_images(images, num_images, sample=sample, seed=sample_seed)
+    if num_images is not None:
+        check_count(num_images, "num_images")
+    if sample != "first":
+        raise VitspecError(
+            f"{option('sample')} {sample!r} needs an image folder: batches are used in order"
+        )
+    return None
+
+
+def open_source(
+    model: str | nn.Module,
+    *,
+    image_set: ImageSet | None,
+    images,
+    num_images: int | None,
+    batch_size: int,
     device: torch.device,
     warn: Callable[[str], None],
+    log: Callable[[str], None] | None = None,
     **weights,
 ) -> Source:
-    """Load ``model`` (``weights``: see :func:`load`), find its adapter and
-    open its images; every user mistake is a one-line :class:`VitspecError` before any work."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise VitspecError(f"--batch-size must be >= 1, got {batch_size!r}")
+    """Load ``model`` (``weights``: see :func:`load`), find its adapter and start reading its
+    images (``image_set`` from :func:`check_request`, else the ``images`` batches); the
+    checkpoint, model and image lines go to ``log``."""
     loaded = load(model, **weights)
     for line in loaded.provenance.get("warnings", []):
         warn(line)
     net = loaded.model.eval()
     adapter = get_adapter(net, loaded.timm_name)
-    if images is None or isinstance(images, (str, Path)):
-        image_set = open_images(images, num_images)
+    if log is not None:
+        for line in _describe(loaded, net, adapter, image_set):
+            log(line)
+    if image_set is not None:
         batches = iter_batches(image_set, eval_transform(net), batch_size, warn=warn)
         total = num_images if num_images is not None else len(image_set.paths)
     else:
-        image_set, batches, total = None, _tensor_batches(images, num_images), num_images
+        batches, total = _tensor_batches(images, num_images), num_images
     net.to(device)
     return Source(loaded, net, adapter, image_set, batches, total, num_images, device, batch_size)
+
+
+def _describe(loaded: LoadedModel, net: nn.Module, adapter: Adapter, images) -> list[str]:
+    """One line each: the weights, the model's geometry, the images found and used."""
+    prov = loaded.provenance
+    if loaded.checkpoint == "random-init":
+        weights = (
+            f"weights: RANDOM initialisation (seed {prov.get('seed')}): the numbers describe "
+            "an untrained network"
+        )
+    elif prov.get("sha256"):
+        weights = f"checkpoint {prov['checkpoint_path']} (sha256 {prov['sha256'][:12]}) loaded"
+    else:
+        weights = f"weights: {loaded.checkpoint}"
+    lines = [weights, *prov.get("notes", [])]
+    if images is not None:
+        size = tuple(eval_data_config(net)["input_size"][1:])
+        h, w = adapter.grid(size)
+        tokens = adapter.num_prefix + h * w
+        lines.append(
+            f"model {loaded.timm_name}: {adapter.depth} blocks, {tokens} tokens "
+            f"({adapter.num_prefix} prefix + {h}x{w} grid), {size[0]}x{size[1]} images"
+        )
+        where = "bundled photos" if images.source == "bundled" else images.source
+        use = images.num_images or images.found
+        how = f"random, seed {images.seed}" if images.sample == "random" else "first in order"
+        lines.append(f"images: {images.found} found in {where}, using {use} ({how})")
+    return lines
 
 
 def analyze(
@@ -187,18 +261,29 @@ def analyze(
     strict: bool = True,
     images: str | Path | Iterable | None = None,
     num_images: int | None = None,
+    sample: str = "first",
+    sample_seed: int = 0,
     sites: Sequence[str] = ("embed", "block"),
     metrics: str | Sequence[str] | None = None,
     batch_size: int = 16,
     device: str = "auto",
     label: str | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
     warn: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None,
     model_kwargs: dict | None = None,
+    img_size: int | None = None,
     featscale_form: str | None = None,
+    trust_checkpoint: bool = False,
     pipeline: bool = True,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    figures: bool = True,
 ) -> Result:
     """Capture every block's tokens and attention on a set of images and reduce them to metrics.
+
+    Every argument is checked (and the image folder listed) before the model is built or an
+    image read: a mistake costs a second, not a model load.
 
     Args:
         model: a timm model name or alias (``deit_small``), or an ``nn.Module`` used as is.
@@ -206,23 +291,39 @@ def analyze(
         random_init: analyse randomly initialised weights (seeded by ``seed``).
         ema: load ``model_ema`` from a training checkpoint instead of ``model``.
         strict: refuse checkpoints with missing/unexpected keys (else record warnings).
-        images: folder of images (recursive), default the bundled sample photographs; or an
-            iterable of preprocessed batches (``[B, 3, H, W]`` tensors, or tuples whose first
-            item is one, e.g. a ``DataLoader``).
-        num_images: the first N readable images in sorted path order (or of the batches).
+        images: folder of images (recursive) or one image file, default the bundled sample
+            photographs; or an iterable of preprocessed batches (``[B, 3, H, W]`` tensors, or
+            tuples whose first item is one, e.g. a ``DataLoader``).
+        num_images: how many readable images (or images of the batches) to use.
+        sample: ``'first'`` (sorted path order) or ``'random'`` (a uniform draw from the whole
+            folder, seeded by ``sample_seed``); see :mod:`vitspec.inputs`.
+        sample_seed: the seed of ``sample='random'``.
         sites: token sites among ``embed``, ``mid``, ``block``.
         metrics: fnmatch patterns of metric names (``"hc_*,attn_entropy"``); default all.
         batch_size: images per forward pass.
-        device: ``auto``, ``cpu`` or ``cuda``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         label: run label; default the checkpoint's file stem or ``random-init``.
-        progress: show a tqdm bar on stderr (the CLI turns it on for terminals).
+        progress: ``True`` shows progress on stderr (a bar on a terminal, else a line about
+            every 10 % or 30 s through ``log``); ``'bar'`` / ``'lines'`` force one.
         warn: receives one-line warnings (default: print to stderr).
-        model_kwargs: extra ``timm.create_model`` arguments (tiny test models).
+        log: receives one-line notes (weights, model geometry, images, progress lines); default
+            none.
+        model_kwargs: extra ``timm.create_model`` arguments (``depth=24``,
+            ``dynamic_img_size=True``, tiny test models).
+        img_size: analyse ``img_size`` x ``img_size`` images: the model is built for that size
+            (a checkpoint's position embeddings are resampled by timm, and run.json says so)
+            and the eval transform uses it.
         featscale_form: ``'doubled'`` / ``'single'`` FeatScale for a model given by name (see
             :func:`vitspec.loading.load_model`). Blocks with AttnScale also get ``pre_attn_*``
             rows: the attention metrics on the pre-scale attention.
+        trust_checkpoint: allow a checkpoint that needs full unpickling (it can run code from
+            the file); refused otherwise, naming the type it holds.
         pipeline: on CPU, compute the metrics on two worker threads (token sites, attention)
             that overlap the forward pass (same results; ``False`` runs them in the hooks).
+        out: also write the run folder there (as :meth:`Result.save`), claimed before the
+            work: an unwritable or occupied location fails at once, not after the analysis.
+        overwrite: replace a previous vitspec output at ``out`` (never anything else).
+        figures: with ``out``, also draw the figures.
 
     Returns:
         A ``Result`` with ``.metrics`` and ``.spectra`` DataFrames and ``.info`` provenance.
@@ -236,21 +337,62 @@ def analyze(
     sites = check_sites(sites)
     specs = select_metrics(metrics)
     dev = resolve_device(device)
-    src = open_source(
+    weights = dict(ckpt=ckpt, random_init=random_init, model_kwargs=model_kwargs, img_size=img_size)
+    image_set = check_request(
         model,
-        ckpt=ckpt,
-        random_init=random_init,
+        images=images,
+        num_images=num_images,
+        batch_size=batch_size,
+        sample=sample,
+        sample_seed=sample_seed,
+        **weights,
+    )
+    request = dict(
+        weights,
         seed=seed,
         ema=ema,
         strict=strict,
-        model_kwargs=model_kwargs,
         featscale_form=featscale_form,
+        trust_checkpoint=trust_checkpoint,
+        image_set=image_set,
         images=images,
         num_images=num_images,
         batch_size=batch_size,
         device=dev,
-        warn=warn,
     )
+    claim = OutputDir(out, overwrite=overwrite, protect=[images]) if out is not None else None
+    with claim or nullcontext() as tmp:
+        result = _measure(
+            model,
+            request,
+            specs,
+            sites,
+            label=label,
+            progress=progress,
+            warn=warn,
+            log=log,
+            pipeline=pipeline,
+        )
+        if tmp is not None:
+            result.write(tmp, figures=figures)
+    return result
+
+
+def _measure(
+    model,
+    request: dict,
+    specs: list[MetricSpec],
+    sites: tuple[str, ...],
+    *,
+    label,
+    progress,
+    warn,
+    log,
+    pipeline,
+) -> Result:
+    """Load, run the forward loop with the two metric lanes, and tabulate."""
+    src = open_source(model, **request, warn=warn, log=log)
+    dev = src.device
     net, adapter, batches = src.net, src.adapter, src.batches
 
     # Two lanes, each with its own collector: token sites and attention maps share no state, so
@@ -259,7 +401,7 @@ def analyze(
     tokens = Collector([s for s in specs if s.kind.startswith("token")], adapter.num_prefix, warn)
     attn = Collector([s for s in specs if s.kind.startswith("attn")], adapter.num_prefix, warn)
     attention = bool(attn.attn_specs)
-    bar = tqdm(total=src.total, unit="img", disable=not progress, file=sys.stderr, leave=False)
+    bar = Progress(src.total, choose_mode(progress), log)
     used = 0
     start = time.perf_counter()
     threaded = pipeline and dev.type == "cpu"
@@ -272,6 +414,7 @@ def analyze(
     ):
         with (
             torch.inference_mode(),
+            finite_guard(adapter),
             capture(
                 adapter,
                 sites=sites,

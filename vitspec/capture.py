@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor
 
 from vitspec.adapters import Adapter
@@ -104,6 +105,41 @@ def capture(
             handle.remove()
         for module, fused in saved:
             module.fused_attn = fused
+
+
+@contextmanager
+def finite_guard(adapter: Adapter) -> Iterator[None]:
+    """Raise, in the forward pass, at the first block whose output is not finite (NaN or Inf).
+
+    The check runs on the forward thread, before the next block: the error names the block that
+    produced the first non-finite value (or the embedding), not a later consumer of it.
+    """
+
+    def check(where: str, x: Tensor) -> None:
+        if not bool(torch.isfinite(x).all()):
+            raise VitspecError(
+                f"NaN or Inf in the output of {where}: the model's activations are not finite "
+                "(check the checkpoint and input scaling)",
+                exit_code=1,
+            )
+
+    blocks = adapter.blocks
+    handles = [
+        blocks[0].register_forward_pre_hook(
+            lambda _m, args: check("the embedding (input of block 1)", args[0])
+        )
+    ]
+    handles += [
+        block.register_forward_hook(
+            lambda _m, _a, out, layer=layer: check(f"block {layer} (blocks.{layer - 1})", out)
+        )
+        for layer, block in enumerate(blocks, start=1)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _input_hooks(taps: list, callback: AttentionCallback) -> list:

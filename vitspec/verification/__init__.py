@@ -16,16 +16,20 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
 import timm
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 import vitspec
+from vitspec.analysis import _stderr_warn, check_request, open_source, resolve_device
 from vitspec.errors import VitspecError
+from vitspec.inputs import check_count
+from vitspec.outputs import OutputDir
+from vitspec.progress import Progress, choose_mode
 from vitspec.verification.result import CHECKS, VERIFY_COLUMNS, VerifyResult, summarise, table
 
 __all__ = ["CHECKS", "VERIFY_COLUMNS", "VerifyResult", "check_usage", "verify"]
@@ -42,16 +46,24 @@ def verify(
     strict: bool = True,
     images: str | Path | Iterable | None = None,
     num_images: int | None = None,
+    sample: str = "first",
+    sample_seed: int = 0,
     batch_size: int = 16,
     device: str = "auto",
     label: str | None = None,
     max_steps: int = 512,
     sizes: Sequence[int] | None = None,
     threads: int | None = 1,
-    progress: bool = False,
+    progress: bool | str = False,
     warn: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None,
     model_kwargs: dict | None = None,
+    img_size: int | None = None,
     featscale_form: str | None = None,
+    trust_checkpoint: bool = False,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    figures: bool = True,
 ) -> VerifyResult:
     """Run every check of docs/verify.md on a model's attention (streamed over images), or on the
     synthetic suite (``synthetic=True``, no model).
@@ -60,10 +72,11 @@ def verify(
         model: a timm model name or alias, or an ``nn.Module`` used as is; None with
             ``synthetic=True``.
         synthetic: run the synthetic suite instead of a model.
-        ckpt, random_init, seed, ema, strict, model_kwargs, featscale_form: the weights, as in
-            ``analyze``
-            (``seed`` also seeds the random test vectors).
-        images, num_images, batch_size, device: the inputs, as in ``analyze``.
+        ckpt, random_init, seed, ema, strict, model_kwargs, img_size, featscale_form,
+            trust_checkpoint: the weights, as in ``analyze`` (``seed`` also seeds the random
+            test vectors).
+        images, num_images, sample, sample_seed, batch_size, device: the inputs, as in
+            ``analyze``.
         label: run label (default: checkpoint file stem or ``random-init``).
         max_steps: T, the most powers ``A^t`` lowpass_limit applies (it stops earlier once
             ``r_t < 1e-12``).
@@ -72,8 +85,9 @@ def verify(
             setting. The default 1 is deliberate: the checks are thousands of small float64
             LAPACK calls (SVDs of N x N matrices, batched by looping), which intra-op threads
             barely speed up and which slow down many-fold when the cores are shared.
-        progress: tqdm bar on stderr.
-        warn: receives one-line warnings (default: stderr).
+        progress, warn, log: as in ``analyze``.
+        out, overwrite, figures: also write the folder there (as :meth:`VerifyResult.save`),
+            claimed before the work; ``overwrite`` replaces only a previous vitspec output.
 
     Returns:
         A :class:`VerifyResult`: ``.table`` (verify.csv), ``.info`` (verify.json),
@@ -84,24 +98,38 @@ def verify(
         >>> r.passed  # doctest: +SKIP
         True
     """
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise VitspecError(f"max_steps must be a whole number >= 1, got {max_steps!r}")
+    check_count(max_steps, "max_steps")
     check_usage(model, synthetic=synthetic, sizes=sizes, ckpt=ckpt, random_init=random_init)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise VitspecError(f"threads must be a whole number >= 1, got {threads!r}")
+    if threads is not None:
+        check_count(threads, "threads")
+    request = None
+    if not synthetic:  # every check before the model is built or an image read
+        dev = resolve_device(device)
+        weights = dict(ckpt=ckpt, random_init=random_init, model_kwargs=model_kwargs,
+                       img_size=img_size)
+        image_set = check_request(model, images=images, num_images=num_images,
+                                  batch_size=batch_size, sample=sample,
+                                  sample_seed=sample_seed, **weights)
+        request = dict(weights, seed=seed, ema=ema, strict=strict,
+                       featscale_form=featscale_form, trust_checkpoint=trust_checkpoint,
+                       image_set=image_set, images=images, num_images=num_images,
+                       batch_size=batch_size, device=dev)
+    claim = OutputDir(out, overwrite=overwrite, protect=[images]) if out is not None else None
     start = time.perf_counter()
     saved = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        if synthetic:
-            return _synthetic(sizes, max_steps, seed, start)
-        return _model(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema,
-                      strict=strict, images=images, num_images=num_images,
-                      batch_size=batch_size, device=device, label=label, max_steps=max_steps,
-                      progress=progress, warn=warn, model_kwargs=model_kwargs,
-                      featscale_form=featscale_form, start=start)
+        with claim or nullcontext() as tmp:
+            if synthetic:
+                result = _synthetic(sizes, max_steps, seed, start)
+            else:
+                result = _model(model, request, label=label, max_steps=max_steps, seed=seed,
+                                progress=progress, warn=warn or _stderr_warn, log=log,
+                                start=start)
+            if tmp is not None:
+                result.write(tmp, figures=figures)
+        return result
     finally:
         torch.set_num_threads(saved)
 
@@ -161,24 +189,17 @@ def _synthetic(sizes, max_steps: int, seed: int, start: float) -> VerifyResult:
     return VerifyResult(df, info, {"synthetic": pd.DataFrame(points)})
 
 
-def _model(model, *, ckpt, random_init, seed, ema, strict, images, num_images, batch_size, device,
-           label, max_steps, progress, warn, model_kwargs, featscale_form,
+def _model(model, request: dict, *, label, max_steps, seed, progress, warn, log,
            start) -> VerifyResult:
-    from vitspec.analysis import _stderr_warn, open_source, resolve_device
-    from vitspec.capture import capture
+    from vitspec.capture import capture, finite_guard
     from vitspec.verification.model import ModelVerifier
 
-    warn = warn or _stderr_warn
-    dev = resolve_device(device)
-    src = open_source(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema,
-                      strict=strict, model_kwargs=model_kwargs, featscale_form=featscale_form,
-                      images=images, num_images=num_images, batch_size=batch_size, device=dev,
-                      warn=warn)
-    loaded, net, adapter = src.loaded, src.net, src.adapter
+    src = open_source(model, **request, warn=warn, log=log)
+    loaded, net, adapter, dev = src.loaded, src.net, src.adapter, src.device
     verifier = ModelVerifier(adapter, dev, max_steps=max_steps, seed=seed)
-    bar = tqdm(total=src.total, unit="img", disable=not progress, file=sys.stderr, leave=False)
+    bar = Progress(src.total, choose_mode(progress), log)
     used = 0
-    with torch.inference_mode(), capture(
+    with torch.inference_mode(), finite_guard(adapter), capture(
         adapter, sites=("embed", "block"), on_tokens=verifier.on_tokens,
         on_attention=verifier.on_attention, on_attn_branch=verifier.on_attn_branch,
     ):
