@@ -65,7 +65,7 @@ def test_results_round_trip_and_are_atomic(result, tmp_path, monkeypatch):
     back = Result.load(out)
     pd.testing.assert_frame_equal(back.metrics, result.metrics, check_exact=False, rtol=1e-9)
     assert json.loads((out / "run.json").read_text())["images"]["used"] == 3
-    with pytest.raises(VitspecError, match="exists; pass --overwrite"):
+    with pytest.raises(VitspecError, match="exists; pass overwrite=True"):
         result.save(out)
 
     def fail(*args, **kwargs):

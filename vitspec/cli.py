@@ -116,18 +116,33 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _metrics(args: argparse.Namespace) -> int:
+    import fnmatch
+
+    from vitspec.collect import PRE
     from vitspec.metrics import list_metrics
 
-    specs = list_metrics(args.pattern)
-    if not specs:
+    specs = list_metrics()
+    rows = [(s.name, s.kind, s.formula, s.source) for s in specs]
+    rows += [
+        (
+            PRE + s.name,
+            s.kind,
+            f"{s.name} on the pre-scale attention A of AttnScale blocks",
+            "vitspec",
+        )
+        for s in specs
+        if s.kind.startswith("attn")
+    ]
+    rows = [r for r in rows if fnmatch.fnmatchcase(r[0], args.pattern)]
+    if not rows:
         print(
             f"vitspec: no metric matches {args.pattern!r}; 'vitspec metrics' lists them all",
             file=sys.stderr,
         )
         return 2
-    width = max(len(s.name) for s in specs)
-    for spec in specs:
-        print(f"{spec.name:<{width}}  {spec.kind:<11}  {spec.formula}  [{spec.source}]")
+    width = max(len(r[0]) for r in rows)
+    for name, kind, formula, source in rows:
+        print(f"{name:<{width}}  {kind:<11}  {formula}  [{source}]")
     return 0
 
 
@@ -450,7 +465,10 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit code (0 ok, 1 a finding or data problem, 2 a usage error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, a usage error (one line, exit 2)
+        return int(exc.code or 0)
     try:
         with cli_names():
             return args.func(args)

@@ -183,8 +183,7 @@ def _compare(run_dirs, metrics, site, x, labels, allow_different_images) -> Comp
     table = pd.concat(
         [_rows(r, label, names, site) for r, label in zip(results, labels)], ignore_index=True
     )
-    differences = _differences(table, labels, depths, names)
-    differences["same_images"] = not images_differ
+    differences = _differences(table, labels, depths, names, same_images=not images_differ)
     info = {
         "vitspec": _version(),
         "command": " ".join(sys.argv),
@@ -316,7 +315,12 @@ def _rows(result: Result, label: str, names: list[str], site: str) -> pd.DataFra
 
 
 def _differences(
-    table: pd.DataFrame, labels: list[str], depths: list[int], names: list[str]
+    table: pd.DataFrame,
+    labels: list[str],
+    depths: list[int],
+    names: list[str],
+    *,
+    same_images: bool,
 ) -> pd.DataFrame:
     ref = table[table["run"] == labels[0]]
     ref_depth = depths[0]
@@ -357,6 +361,7 @@ def _differences(
                         "rel_diff": rel,
                         "sign": np.where(diff > tol, "+", np.where(diff < -tol, "-", "0")),
                         "reference_layer": matched,
+                        "same_images": same_images,
                     }
                 )
             )

@@ -175,8 +175,8 @@ def open_images(
     if num_images is not None and num_images > len(paths):
         where = "the bundled images" if source == _BUNDLED else root
         raise VitspecError(
-            f"{option('num_images')} is {num_images} but {where} holds {len(paths)} image "
-            f"file{'s' if len(paths) != 1 else ''}"
+            f"{option('num_images')} is {num_images} but only {len(paths)} image "
+            f"file{'s were' if len(paths) != 1 else ' was'} found in {where}"
         )
     found = len(paths)
     if sample == "random":
