@@ -129,7 +129,7 @@ def test_nan_activations_name_the_layer():
     model = tiny()
     with torch.no_grad():
         model.blocks[1].mlp.fc2.weight[0, 0] = float("nan")
-    with pytest.raises(VitspecError, match="layer 2 block tokens") as err:
+    with pytest.raises(VitspecError, match=r"output of block 2 \(blocks\.1\)") as err:
         analyze(model, images=list(synthetic_batches(2, 2, (32, 32))), device="cpu")
     assert err.value.exit_code == 1
 

@@ -52,8 +52,19 @@ def no_model(monkeypatch):
 
 
 def analyze_cli(capsys, out, *extra):
-    return run(capsys, "analyze", "deit_tiny", "--random-init", *TINY_ARGS, "--num-images", 2,
-               "--no-figures", "--out", out, *extra)
+    return run(
+        capsys,
+        "analyze",
+        "deit_tiny",
+        "--random-init",
+        *TINY_ARGS,
+        "--num-images",
+        2,
+        "--no-figures",
+        "--out",
+        out,
+        *extra,
+    )
 
 
 # 1. Output folders ----------------------------------------------------------------------------
@@ -79,8 +90,13 @@ def test_overwrite_never_replaces_precious_places(capsys, tmp_path, monkeypatch,
     images = tmp_path / "imgs"
     images.mkdir()
     Image.new("RGB", (8, 8)).save(images / "x.png")
-    out = {".": ".", "..": "..", "home": str(tmp_path / "a"), "ancestor": str(tmp_path),
-           "images": str(images)}[where]
+    out = {
+        ".": ".",
+        "..": "..",
+        "home": str(tmp_path / "a"),
+        "ancestor": str(tmp_path),
+        "images": str(images),
+    }[where]
     code, err = analyze_cli(capsys, out, "--overwrite", "--images", images)
     one_line(code, err, 2, "refusing to")
     assert (work / "keep.txt").exists() and (images / "x.png").exists()
@@ -90,8 +106,9 @@ def test_api_overwrite_refuses_the_current_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(VitspecError, match=r"refusing to replace \. \(the current directory\)"):
-        vitspec.analyze("deit_tiny", random_init=True, model_kwargs=TINY, num_images=1,
-                        out=".", overwrite=True)
+        vitspec.analyze(
+            "deit_tiny", random_init=True, model_kwargs=TINY, num_images=1, out=".", overwrite=True
+        )
     assert (tmp_path / "keep.txt").exists()
 
 
@@ -132,9 +149,22 @@ def test_unwritable_output_fails_before_any_model_is_built(capsys, tmp_path, no_
 
 def test_sigterm_leaves_no_hidden_folder(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "vitspec.cli", "analyze", "deit_tiny", "--random-init",
-           "--model-arg", "depth=12", "--num-images", "11", "--batch-size", "1", "--out",
-           str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vitspec.cli",
+        "analyze",
+        "deit_tiny",
+        "--random-init",
+        "--model-arg",
+        "depth=12",
+        "--num-images",
+        "11",
+        "--batch-size",
+        "1",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     lines = []
     while not any("images:" in line for line in lines):  # the run has started
@@ -163,8 +193,7 @@ BAD_ARGS = [
 
 
 @pytest.mark.parametrize(("argv", "fragment"), BAD_ARGS, ids=[a[0][0] for a in BAD_ARGS])
-def test_bad_arguments_fail_in_one_line_before_any_work(capsys, tmp_path, no_model, argv,
-                                                        fragment):
+def test_bad_arguments_fail_in_one_line_before_any_work(capsys, tmp_path, no_model, argv, fragment):
     out = tmp_path / "run"
     code, err = run(capsys, "analyze", "deit_tiny", "--random-init", "--out", out, *argv)
     one_line(code, err, 2, fragment)
@@ -190,11 +219,20 @@ def test_api_checks_everything_first_with_parameter_names(no_model, kwargs, frag
 
 
 def test_verify_checks_arguments_before_the_model(capsys, tmp_path, no_model):
-    code, err = run(capsys, "verify", "deit_tiny", "--random-init", "--out", tmp_path / "v",
-                    "--metrics-typo")
+    code, err = run(
+        capsys, "verify", "deit_tiny", "--random-init", "--out", tmp_path / "v", "--metrics-typo"
+    )
     assert code == 2 and "unrecognized arguments" in err and len(err.splitlines()) == 1
-    code, err = run(capsys, "verify", "deit_tiny", "--random-init", "--out", tmp_path / "v",
-                    "--images", tmp_path / "nothing")
+    code, err = run(
+        capsys,
+        "verify",
+        "deit_tiny",
+        "--random-init",
+        "--out",
+        tmp_path / "v",
+        "--images",
+        tmp_path / "nothing",
+    )
     one_line(code, err, 2, "nothing")
 
 
@@ -211,14 +249,37 @@ def test_pickled_module_needs_trust_checkpoint(capsys, tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(model, path)
     out = tmp_path / "run"
-    code, err = run(capsys, "analyze", "deit_tiny", "--ckpt", path, *TINY_ARGS, "--num-images",
-                    1, "--no-figures", "--out", out)
+    code, err = run(
+        capsys,
+        "analyze",
+        "deit_tiny",
+        "--ckpt",
+        path,
+        *TINY_ARGS,
+        "--num-images",
+        1,
+        "--no-figures",
+        "--out",
+        out,
+    )
     one_line(code, err, 2, "needs full unpickling", "VisionTransformer", "--trust-checkpoint")
     assert not out.exists()
     with pytest.raises(VitspecError, match="trust_checkpoint=True"):
         vitspec.analyze("deit_tiny", ckpt=path, model_kwargs=TINY, num_images=1)
-    code, err = run(capsys, "analyze", "deit_tiny", "--ckpt", path, *TINY_ARGS, "--num-images",
-                    1, "--no-figures", "--out", out, "--trust-checkpoint")
+    code, err = run(
+        capsys,
+        "analyze",
+        "deit_tiny",
+        "--ckpt",
+        path,
+        *TINY_ARGS,
+        "--num-images",
+        1,
+        "--no-figures",
+        "--out",
+        out,
+        "--trust-checkpoint",
+    )
     assert code == 0, err
     assert json.loads((out / "run.json").read_text())["weights"]["trusted_pickle"] is True
 
@@ -227,11 +288,20 @@ def test_training_checkpoint_with_namespace_and_numpy_loads_safely(tmp_path):
     model = _tiny_model()
     path = tmp_path / "train.pth"
     args = argparse.Namespace(lr=5e-4, output_dir=Path("/tmp/out"), model="deit_tiny")
-    torch.save({"model": model.state_dict(), "args": args, "epoch": 3,
-                "best_acc": np.float64(71.2), "dtype": np.dtype("float32"),
-                "hist": np.arange(3)}, path)
-    result = vitspec.analyze("deit_tiny", ckpt=path, model_kwargs=TINY, num_images=1,
-                             metrics="hc_dc_ratio")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "args": args,
+            "epoch": 3,
+            "best_acc": np.float64(71.2),
+            "dtype": np.dtype("float32"),
+            "hist": np.arange(3),
+        },
+        path,
+    )
+    result = vitspec.analyze(
+        "deit_tiny", ckpt=path, model_kwargs=TINY, num_images=1, metrics="hc_dc_ratio"
+    )
     assert result.info["weights"]["trusted_pickle"] is False
 
 
@@ -249,12 +319,19 @@ def runs(tmp_path_factory):
             noise / f"n{i}.png"
         )
     dirs = {}
-    for name, images, seed in (("photos", None, 0), ("photos-seed1", None, 1),
-                               ("noise", noise, 0)):
+    for name, images, seed in (("photos", None, 0), ("photos-seed1", None, 1), ("noise", noise, 0)):
         dirs[name] = root / name
-        vitspec.analyze("deit_tiny", random_init=True, seed=seed, model_kwargs=TINY,
-                        num_images=2, images=images, metrics="patch_cos_abs,hc_dc_ratio",
-                        out=dirs[name], figures=False)
+        vitspec.analyze(
+            "deit_tiny",
+            random_init=True,
+            seed=seed,
+            model_kwargs=TINY,
+            num_images=2,
+            images=images,
+            metrics="patch_cos_abs,hc_dc_ratio",
+            out=dirs[name],
+            figures=False,
+        )
     return dirs
 
 
@@ -307,15 +384,45 @@ def deep_ckpt(tmp_path_factory):
 def test_deep_checkpoint_needs_the_depth_and_is_never_cut(capsys, tmp_path, deep_ckpt):
     out = tmp_path / "run"
     for extra in ([], ["--non-strict"]):
-        code, err = run(capsys, "analyze", "deit_small", "--ckpt", deep_ckpt, *SMALL_ARGS,
-                        "--num-images", 1, "--out", out, *extra)
-        one_line(code, err, 2, "checkpoint has 24 blocks, deit_small_patch16_224 has 12: "
-                 "pass --model-arg depth=24")
+        code, err = run(
+            capsys,
+            "analyze",
+            "deit_small",
+            "--ckpt",
+            deep_ckpt,
+            *SMALL_ARGS,
+            "--num-images",
+            1,
+            "--out",
+            out,
+            *extra,
+        )
+        one_line(
+            code,
+            err,
+            2,
+            "checkpoint has 24 blocks, deit_small_patch16_224 has 12: pass --model-arg depth=24",
+        )
     with pytest.raises(VitspecError, match=r"model_kwargs=\{'depth': 24\}"):
         vitspec.analyze("deit_small", ckpt=deep_ckpt, model_kwargs=SMALL, num_images=1)
-    code, err = run(capsys, "analyze", "deit_small", "--ckpt", deep_ckpt, *SMALL_ARGS,
-                    "--model-arg", "depth=24", "--num-images", 1, "--out", out, "--no-figures",
-                    "--metrics", "hc_dc_ratio", "--quiet")
+    code, err = run(
+        capsys,
+        "analyze",
+        "deit_small",
+        "--ckpt",
+        deep_ckpt,
+        *SMALL_ARGS,
+        "--model-arg",
+        "depth=24",
+        "--num-images",
+        1,
+        "--out",
+        out,
+        "--no-figures",
+        "--metrics",
+        "hc_dc_ratio",
+        "--quiet",
+    )
     assert code == 0, err
     info = json.loads((out / "run.json").read_text())
     assert info["depth"] == 24
@@ -334,9 +441,23 @@ def test_distilled_checkpoint_into_a_plain_deit_names_the_distilled_model(tmp_pa
 
 def test_img_size_analyses_dinov2_on_a_16x16_grid(capsys, tmp_path):
     out = tmp_path / "run"
-    code, err = run(capsys, "analyze", "vit_small_patch14_dinov2", "--random-init",
-                    "--img-size", 224, "--model-arg", "depth=2", "--num-images", 1,
-                    "--metrics", "hc_dc_ratio", "--no-figures", "--out", out)
+    code, err = run(
+        capsys,
+        "analyze",
+        "vit_small_patch14_dinov2",
+        "--random-init",
+        "--img-size",
+        224,
+        "--model-arg",
+        "depth=2",
+        "--num-images",
+        1,
+        "--metrics",
+        "hc_dc_ratio",
+        "--no-figures",
+        "--out",
+        out,
+    )
     assert code == 0, err
     assert "1 prefix + 16x16 grid), 224x224 images" in err
     info = json.loads((out / "run.json").read_text())
@@ -349,8 +470,23 @@ def test_img_size_resamples_a_checkpoints_position_embedding(capsys, tmp_path):
     torch.save(model.state_dict(), path)
     args = [a for k, v in TINY.items() if k != "img_size" for a in ("--model-arg", f"{k}={v}")]
     out = tmp_path / "run"
-    code, err = run(capsys, "analyze", "deit_tiny", "--ckpt", path, *args, "--img-size", 48,
-                    "--num-images", 1, "--metrics", "hc_dc_ratio", "--no-figures", "--out", out)
+    code, err = run(
+        capsys,
+        "analyze",
+        "deit_tiny",
+        "--ckpt",
+        path,
+        *args,
+        "--img-size",
+        48,
+        "--num-images",
+        1,
+        "--metrics",
+        "hc_dc_ratio",
+        "--no-figures",
+        "--out",
+        out,
+    )
     assert code == 0, err
     assert "position embeddings were resampled from 4x4 to 6x6" in err
     resampled = json.loads((out / "run.json").read_text())["weights"]["pos_embed_resampled"]
@@ -367,15 +503,30 @@ def test_progress_lines_with_eta_when_stderr_is_not_a_terminal(capsys, tmp_path,
     assert code == 0, err
     lines = err.splitlines()
     assert any("ETA" in line and "1/2 images" in line for line in lines[:-1]), err
-    for fragment in ("weights: RANDOM", "model deit_tiny_patch16_224: 2 blocks", "images: 11 "
-                     "found in bundled photos, using 2", f"-> {out}/"):
+    for fragment in (
+        "weights: RANDOM",
+        "model deit_tiny_patch16_224: 2 blocks",
+        "images: 11 found in bundled photos, using 2",
+        f"-> {out}/",
+    ):
         assert any(fragment in line for line in lines), (fragment, err)
     code, err = analyze_cli(capsys, out, "--overwrite", "--quiet")
     assert code == 0 and err == ""
     path = tmp_path / "ckpt.pth"
     torch.save(_tiny_model().state_dict(), path)
-    code, err = run(capsys, "analyze", "deit_tiny", "--ckpt", path, *TINY_ARGS, "--num-images",
-                    1, "--no-figures", "--out", tmp_path / "r2")
+    code, err = run(
+        capsys,
+        "analyze",
+        "deit_tiny",
+        "--ckpt",
+        path,
+        *TINY_ARGS,
+        "--num-images",
+        1,
+        "--no-figures",
+        "--out",
+        tmp_path / "r2",
+    )
     sha = __import__("hashlib").sha256(path.read_bytes()).hexdigest()[:12]
     assert code == 0 and f"checkpoint {path} (sha256 {sha}) loaded" in err
 
@@ -395,11 +546,19 @@ def test_single_image_file_and_random_sample(tmp_path):
     assert rand.paths == again.paths and rand.paths != other.paths
     assert sorted(rand.paths) == sorted(first.paths)  # a permutation of the whole tree
     assert rand.paths[:4] != first.paths[:4]
-    result = vitspec.analyze("deit_tiny", random_init=True, model_kwargs=TINY, images=one,
-                             metrics="hc_dc_ratio")
+    result = vitspec.analyze(
+        "deit_tiny", random_init=True, model_kwargs=TINY, images=one, metrics="hc_dc_ratio"
+    )
     assert result.info["images"]["files"] == ["chelsea.jpg"]
-    result = vitspec.analyze("deit_tiny", random_init=True, model_kwargs=TINY, num_images=3,
-                             sample="random", sample_seed=3, metrics="hc_dc_ratio")
+    result = vitspec.analyze(
+        "deit_tiny",
+        random_init=True,
+        model_kwargs=TINY,
+        num_images=3,
+        sample="random",
+        sample_seed=3,
+        metrics="hc_dc_ratio",
+    )
     expected = [p.name for p in rand.paths[:3]]
     assert result.info["images"]["files"] == expected
     assert result.info["images"]["sample"] == "random"
@@ -436,14 +595,19 @@ def test_first_non_finite_block_is_named(command):
 def test_verify_verdict_says_where_a_check_is_not_applicable():
     from vitspec.verification.result import VerifyResult, summarise
 
-    df = pd.DataFrame({
-        "check": ["row_stochastic"] * 3, "layer": pd.array([1, 2, 3], dtype="Int64"),
-        "head": pd.array([0, 0, 0], dtype="Int64"), "status": ["pass", "not-applicable",
-                                                              "not-applicable"],
-        "cases": [4, 0, 0], "violations": [0, 0, 0], "max_slack": [0.1, np.nan, np.nan],
-        "reason": ["", "rows do not sum to 1", "rows do not sum to 1"],
-        "model": ["m"] * 3,
-    })
+    df = pd.DataFrame(
+        {
+            "check": ["row_stochastic"] * 3,
+            "layer": pd.array([1, 2, 3], dtype="Int64"),
+            "head": pd.array([0, 0, 0], dtype="Int64"),
+            "status": ["pass", "not-applicable", "not-applicable"],
+            "cases": [4, 0, 0],
+            "violations": [0, 0, 0],
+            "max_slack": [0.1, np.nan, np.nan],
+            "reason": ["", "rows do not sum to 1", "rows do not sum to 1"],
+            "model": ["m"] * 3,
+        }
+    )
     result = VerifyResult(df, {"summary": summarise(df)})
     line = result.summary_lines()[0]
     assert "PASS (n/a at layers 2-3)" in line and "rows do not sum to 1" in line

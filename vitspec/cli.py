@@ -44,9 +44,9 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _check_paths(args: argparse.Namespace) -> None:
     """The input paths exist (checked again, in full, by the library)."""
-    for flag, path in (("--images", args.images), ("--ckpt", args.ckpt)):
+    for what, path in (("image folder or file", args.images), ("checkpoint", args.ckpt)):
         if path is not None and not Path(path).expanduser().exists():
-            raise VitspecError(f"{flag} {path}: no such file or folder")
+            raise VitspecError(f"{what} not found: {path}")
 
 
 def _label(args: argparse.Namespace) -> str:

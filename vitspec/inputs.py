@@ -45,6 +45,7 @@ from vitspec.errors import VitspecError, option
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
+_KINDS = "jpg, jpeg, png, bmp, webp, tif"
 _BUNDLED = "bundled"
 _MAX_NAMED_SKIPS = 5
 SAMPLES = ("first", "random")
@@ -162,16 +163,14 @@ def open_images(
         source = str(root)
     if root.is_file():
         if root.suffix.lower() not in IMAGE_EXTENSIONS:
-            raise VitspecError(
-                f"{root} is not an image file ({', '.join(IMAGE_EXTENSIONS)}) or a folder"
-            )
+            raise VitspecError(f"{root} is not an image file ({_KINDS}) or a folder")
         paths = [root]
     elif root.is_dir():
         paths = _list_images(root)
     else:
         raise VitspecError(f"image folder or file not found: {root}")
     if not paths:
-        raise VitspecError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
+        raise VitspecError(f"no images ({_KINDS}) in {root}")
     if num_images is not None and num_images > len(paths):
         where = "the bundled images" if source == _BUNDLED else root
         raise VitspecError(
