@@ -281,6 +281,7 @@ def test_pickled_module_needs_trust_checkpoint(capsys, tmp_path):
         "--trust-checkpoint",
     )
     assert code == 0, err
+    assert "warning: whole.pt was read with full unpickling (--trust-checkpoint)" in err
     assert json.loads((out / "run.json").read_text())["weights"]["trusted_pickle"] is True
 
 

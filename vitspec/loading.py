@@ -328,6 +328,11 @@ def load_model(
 
     sd, info = read_checkpoint(path, ema=ema, trust=trust_checkpoint)
     provenance.update(info)
+    if info["trusted_pickle"]:
+        provenance["warnings"].append(
+            f"{path.name} was read with full unpickling ({option('trust_checkpoint', 'True')}): "
+            "it could run code from the file"
+        )
     provenance["checkpoint_path"] = os.path.abspath(path)
     provenance["sha256"] = file_sha256(path)
     warnings: list[str] = provenance["warnings"]
