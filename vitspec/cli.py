@@ -11,14 +11,17 @@ from vitspec.errors import VitspecError
 
 def _analyze(args: argparse.Namespace) -> int:
     from vitspec.analysis import analyze
+    from vitspec.hf import is_hf
     from vitspec.loading import resolve_model_name
     from vitspec.results import check_out_dir
 
-    resolve_model_name(args.model)  # an unknown name fails before anything else is said or done
+    if not is_hf(args.model):  # an unknown name fails before anything else is said or done
+        resolve_model_name(args.model)
     label = args.label or (
         Path(args.ckpt).stem if args.ckpt else "random-init" if args.random_init else "pretrained"
     )
-    out = Path(args.out or f"runs/{args.model}-{label}")
+    name = Path(args.model[3:]).name if is_hf(args.model) else args.model
+    out = Path(args.out or f"runs/{name}-{label}")
     check_out_dir(out, args.overwrite)  # before the work, not after it
     if args.random_init:
         _say(
@@ -151,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model",
         help="timm model name or alias (deit_tiny, deit_small, deit_base, "
-        "deit_small_distilled, vit_tiny, vit_small, vit_base)",
+        "deit_small_distilled, vit_tiny, vit_small, vit_base), or hf:FOLDER for a local "
+        "Hugging Face transformers model (needs vitspec[hf])",
     )
     _add_weights(p)
     p.add_argument(

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import vitspec
+from vitspec import hf
 from vitspec.adapters import Adapter, Geometry, get_adapter
 from vitspec.capture import capture
 from vitspec.errors import VitspecError
@@ -204,7 +205,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load(model: str | nn.Module, weights: Weights = Weights()) -> LoadedModel:
-    """A ``LoadedModel`` from a name (with ``weights``) or an in-memory module (used as is)."""
+    """A ``LoadedModel`` from a timm name (with ``weights``) or an in-memory module (used as
+    is); ``hf:PATH`` folders are opened by :func:`open_session`."""
     if isinstance(model, nn.Module):
         name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
         return LoadedModel(
@@ -232,7 +234,15 @@ def open_session(
     size = inputs.batch_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise VitspecError(f"--batch-size must be >= 1, got {size!r}")
-    loaded = load(model, weights)
+    if hf.is_hf(model):
+        if weights != Weights():
+            raise VitspecError(
+                f"{model}: the weights are the folder's; --ckpt, --random-init, "
+                "--ema and model options do not apply"
+            )
+        loaded, transform = hf.load_folder(model)
+    else:
+        loaded, transform = load(model, weights), None
     for line in loaded.provenance.get("warnings", []):
         warn(line)
     net = loaded.model.eval()
@@ -240,7 +250,8 @@ def open_session(
     images, num = inputs.images, inputs.num_images
     if images is None or isinstance(images, (str, Path)):
         image_set = open_images(images, num)
-        batches = iter_batches(image_set, eval_transform(net), size, warn=warn)
+        transform = transform or eval_transform(net)
+        batches = iter_batches(image_set, transform, size, warn=warn)
         total = num if num is not None else len(image_set.paths)
     else:
         image_set, batches, total = None, _tensor_batches(images, num), num
