@@ -8,7 +8,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import vitspec
-from vitspec.adapters import register
+from vitspec.adapters import _BY_CLASS, register
 from vitspec.adapters.vit import ViTAdapter
 from vitspec.collect import Collector
 from vitspec.engine import Inputs, open_session, run
@@ -86,7 +86,6 @@ class NoPatternViT(VisionTransformer):
     """A ViT whose adapter (below) states that it has no attention pattern."""
 
 
-@register(NoPatternViT)
 class NoPatternAdapter(ViTAdapter):
     family = "no-pattern"
 
@@ -97,7 +96,14 @@ class NoPatternAdapter(ViTAdapter):
         return {PATTERN: "this toy family attends over channels"}
 
 
-def test_a_metric_whose_site_the_model_lacks_is_not_scheduled():
+@pytest.fixture
+def no_pattern_family():
+    register(NoPatternViT)(NoPatternAdapter)
+    yield
+    _BY_CLASS.pop(f"{__name__}.NoPatternViT")
+
+
+def test_a_metric_whose_site_the_model_lacks_is_not_scheduled(no_pattern_family):
     torch.manual_seed(0)
     model = NoPatternViT(**{**TINY, "patch_size": 8}).eval()
     warnings = []
