@@ -25,6 +25,7 @@ test: $(VENV)/.installed-test
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check vitspec tests benchmarks experiments scripts
+	$(VENV)/bin/ruff format --check vitspec tests benchmarks experiments scripts
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/throughput.py --num-images 64 --repeats 3 --inline

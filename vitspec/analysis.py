@@ -3,57 +3,29 @@
 from __future__ import annotations
 
 import fnmatch
-import platform
-import re
-import sys
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
-import timm
-import torch
 from torch import nn
 
-import vitspec
-from vitspec.adapters import Adapter, get_adapter
-from vitspec.capture import capture, check_sites, finite_guard
-from vitspec.collect import Collector, rows
-from vitspec.errors import VitspecError, option
-from vitspec.inputs import (
-    ImageSet,
-    check_count,
-    eval_data_config,
-    eval_transform,
-    iter_batches,
-    open_images,
+from vitspec.capture import check_sites
+from vitspec.collect import PRE, Collector, rows
+from vitspec.engine import (
+    Inputs,
+    Weights,
+    available_sites,
+    check_request,
+    open_session,
+    run,
+    stderr_warn,
 )
-from vitspec.loading import LoadedModel, check_weights, load_model
+from vitspec.errors import VitspecError, option
 from vitspec.metrics import MetricSpec, list_metrics
 from vitspec.outputs import OutputDir
-from vitspec.pipeline import Pipeline
-from vitspec.progress import Progress, choose_mode
 from vitspec.results import METRIC_COLUMNS, SPECTRA_COLUMNS, Result, moments_frame, validate
 from vitspec.scaling import techniques
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not isinstance(device, str) or (
-        device not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device)
-    ):
-        raise VitspecError(
-            f"unknown {option('device')} {device!r}; allowed: auto, cpu, cuda, cuda:N"
-        )
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise VitspecError(
-            f"{option('device')} {device} was asked for but CUDA is not available on this "
-            "machine; use cpu or auto"
-        )
-    return torch.device(device)
+from vitspec.sites import Unavailable
 
 
 def select_metrics(patterns: str | Sequence[str] | None) -> list[MetricSpec]:
@@ -71,184 +43,6 @@ def select_metrics(patterns: str | Sequence[str] | None) -> list[MetricSpec]:
             f"allowed: {', '.join(s.name for s in specs)}"
         )
     return chosen
-
-
-def load(model: str | nn.Module, **weights) -> LoadedModel:
-    """A ``LoadedModel`` from a name (``weights``: the keyword arguments of
-    :func:`vitspec.loading.load_model`) or an in-memory module (used as is)."""
-    if isinstance(model, nn.Module):
-        name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
-        return LoadedModel(
-            model=model.eval(),
-            name=name,
-            timm_name=name,
-            checkpoint="in-memory",
-            provenance={"source": "in-memory"},
-        )
-    return load_model(model, **weights)
-
-
-@dataclass
-class Source:
-    """A loaded model, its adapter, and the batches it is to run on (shared by analyze, verify).
-
-    Attributes:
-        loaded: the model and its weights' provenance.
-        net: the model, in eval mode, on ``device``.
-        adapter: where its blocks and attention are.
-        image_set: the image folder's files (None for tensor batches).
-        batches: preprocessed ``[B, 3, H, W]`` batches.
-        total: expected number of images (for the progress bar; None if unknown).
-        num_images: the number asked for.
-        device: where the model runs.
-        batch_size: images per batch.
-    """
-
-    loaded: LoadedModel
-    net: nn.Module
-    adapter: Adapter
-    image_set: ImageSet | None
-    batches: Iterator
-    total: int | None
-    num_images: int | None
-    device: torch.device
-    batch_size: int
-
-    def ids(self, label: str | None) -> dict:
-        """The leading columns: run (``<model>-<label>``), model, checkpoint."""
-        ckpt = self.loaded.checkpoint
-        label = label or (Path(ckpt).stem if ckpt != "random-init" else "random-init")
-        return {"run": f"{self.loaded.name}-{label}", "model": self.loaded.name, "checkpoint": ckpt}
-
-    def provenance(self, ids: dict, used: int) -> dict:
-        """The run.json fields every command shares: versions, model, weights, images."""
-        images = self.image_set
-        return {
-            "vitspec": vitspec.__version__,
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "python": platform.python_version(),
-            "run": ids["run"],
-            "model": self.loaded.name,
-            "timm_name": self.loaded.timm_name,
-            "checkpoint": self.loaded.checkpoint,
-            "weights": self.loaded.provenance,
-            "random_init": self.loaded.checkpoint == "random-init",
-            "family": self.adapter.family,
-            "depth": self.adapter.depth,
-            "images": {
-                "source": images.source if images else "tensors",
-                "requested": self.num_images,
-                "found": images.found if images else None,
-                "sample": images.sample if images else "first",
-                "sample_seed": images.seed if images and images.sample == "random" else None,
-                "used": used,
-                "skipped": images.skipped if images else [],
-                "files": images.used if images else [],
-            },
-        }
-
-    def timing(self, used: int, wall: float) -> dict:
-        """Device, batch size, threads, wall time, images per second and the command line."""
-        dev = self.device
-        return {
-            "device": str(dev),
-            "device_name": torch.cuda.get_device_name(dev)
-            if dev.type == "cuda"
-            else platform.processor() or platform.machine(),
-            "batch_size": self.batch_size,
-            "threads": torch.get_num_threads(),
-            "wall_time_s": round(wall, 3),
-            "images_per_s": round(used / wall, 3) if wall > 0 else None,
-            "command": " ".join(sys.argv),
-        }
-
-
-def check_request(
-    model: str | nn.Module,
-    *,
-    images,
-    num_images: int | None,
-    batch_size: int,
-    sample: str,
-    sample_seed: int,
-    **weights,
-) -> ImageSet | None:
-    """Every check that needs no model and reads no image: the model name and weight options
-    (``weights``: see :func:`vitspec.loading.check_weights`), batch size, image selection.
-    Returns the listed image folder (None for tensor batches)."""
-    check_count(batch_size, "batch_size")
-    if not isinstance(model, nn.Module):
-        check_weights(model, **weights)
-    if images is None or isinstance(images, (str, Path)):
-        return open_images(images, num_images, sample=sample, seed=sample_seed)
-    if num_images is not None:
-        check_count(num_images, "num_images")
-    if sample != "first":
-        raise VitspecError(
-            f"{option('sample')} {sample!r} needs an image folder: batches are used in order"
-        )
-    return None
-
-
-def open_source(
-    model: str | nn.Module,
-    *,
-    image_set: ImageSet | None,
-    images,
-    num_images: int | None,
-    batch_size: int,
-    device: torch.device,
-    warn: Callable[[str], None],
-    log: Callable[[str], None] | None = None,
-    **weights,
-) -> Source:
-    """Load ``model`` (``weights``: see :func:`load`), find its adapter and start reading its
-    images (``image_set`` from :func:`check_request`, else the ``images`` batches); the
-    checkpoint, model and image lines go to ``log``."""
-    loaded = load(model, **weights)
-    for line in loaded.provenance.get("warnings", []):
-        warn(line)
-    net = loaded.model.eval()
-    adapter = get_adapter(net, loaded.timm_name)
-    if log is not None:
-        for line in _describe(loaded, net, adapter, image_set):
-            log(line)
-    if image_set is not None:
-        batches = iter_batches(image_set, eval_transform(net), batch_size, warn=warn)
-        total = num_images if num_images is not None else len(image_set.paths)
-    else:
-        batches, total = _tensor_batches(images, num_images), num_images
-    net.to(device)
-    return Source(loaded, net, adapter, image_set, batches, total, num_images, device, batch_size)
-
-
-def _describe(loaded: LoadedModel, net: nn.Module, adapter: Adapter, images) -> list[str]:
-    """One line each: the weights, the model's geometry, the images found and used."""
-    prov = loaded.provenance
-    if loaded.checkpoint == "random-init":
-        weights = (
-            f"weights: RANDOM initialisation (seed {prov.get('seed')}): the numbers describe "
-            "an untrained network"
-        )
-    elif prov.get("sha256"):
-        weights = f"checkpoint {prov['checkpoint_path']} (sha256 {prov['sha256'][:12]}) loaded"
-    else:
-        weights = f"weights: {loaded.checkpoint}"
-    lines = [weights, *prov.get("notes", [])]
-    if images is not None:
-        size = tuple(eval_data_config(net)["input_size"][1:])
-        h, w = adapter.grid(size)
-        tokens = adapter.num_prefix + h * w
-        lines.append(
-            f"model {loaded.timm_name}: {adapter.depth} blocks, {tokens} tokens "
-            f"({adapter.num_prefix} prefix + {h}x{w} grid), {size[0]}x{size[1]} images"
-        )
-        where = "bundled photos" if images.source == "bundled" else images.source
-        use = images.num_images or images.found
-        how = f"random, seed {images.seed}" if images.sample == "random" else "first in order"
-        lines.append(f"images: {images.found} found in {where}, using {use} ({how})")
-    return lines
 
 
 def analyze(
@@ -333,38 +127,29 @@ def analyze(
         ...             model_kwargs=dict(depth=2))  # doctest: +SKIP
         >>> r.metric("hc_dc_ratio", site="block")  # doctest: +SKIP
     """
-    warn = warn or _stderr_warn
+    warn = warn or stderr_warn
     sites = check_sites(sites)
     specs = select_metrics(metrics)
-    dev = resolve_device(device)
-    weights = dict(ckpt=ckpt, random_init=random_init, model_kwargs=model_kwargs, img_size=img_size)
-    image_set = check_request(
-        model,
-        images=images,
-        num_images=num_images,
-        batch_size=batch_size,
-        sample=sample,
-        sample_seed=sample_seed,
-        **weights,
+    weights = Weights(
+        ckpt,
+        random_init,
+        seed,
+        ema,
+        strict,
+        model_kwargs,
+        featscale_form,
+        img_size,
+        trust_checkpoint,
     )
-    request = dict(
-        weights,
-        seed=seed,
-        ema=ema,
-        strict=strict,
-        featscale_form=featscale_form,
-        trust_checkpoint=trust_checkpoint,
-        image_set=image_set,
-        images=images,
-        num_images=num_images,
-        batch_size=batch_size,
-        device=dev,
-    )
+    inputs = Inputs(images, num_images, batch_size, sample, sample_seed)
+    request = check_request(model, weights, inputs, device)
     claim = OutputDir(out, overwrite=overwrite, protect=[images]) if out is not None else None
     with claim or nullcontext() as tmp:
+        session = open_session(
+            model, weights=weights, inputs=inputs, warn=warn, log=log, request=request
+        )
         result = _measure(
-            model,
-            request,
+            session,
             specs,
             sites,
             label=label,
@@ -379,8 +164,7 @@ def analyze(
 
 
 def _measure(
-    model,
-    request: dict,
+    session,
     specs: list[MetricSpec],
     sites: tuple[str, ...],
     *,
@@ -390,132 +174,69 @@ def _measure(
     log,
     pipeline,
 ) -> Result:
-    """Load, run the forward loop with the two metric lanes, and tabulate."""
-    src = open_source(model, **request, warn=warn, log=log)
-    dev = src.device
-    net, adapter, batches = src.net, src.adapter, src.batches
+    """Run the two metric consumers over the session and tabulate."""
+    adapter = session.adapter
+    specs, not_scheduled = schedule(specs, available_sites(adapter), adapter.unavailable(), warn)
 
-    # Two lanes, each with its own collector: token sites and attention maps share no state, so
-    # on CPU each lane runs on its own worker thread beside the forward pass (vitspec.pipeline),
-    # keeping both cores busy; on CUDA the kernels are already asynchronous and run inline.
-    tokens = Collector([s for s in specs if s.kind.startswith("token")], adapter.num_prefix, warn)
-    attn = Collector([s for s in specs if s.kind.startswith("attn")], adapter.num_prefix, warn)
-    attention = bool(attn.attn_specs)
-    bar = Progress(src.total, choose_mode(progress), log)
-    used = 0
-    start = time.perf_counter()
-    threaded = pipeline and dev.type == "cpu"
-    # threaded: every thread runs its torch ops on one core (the forward pass too), so the
-    # forward and the two lanes share the cores without OpenMP teams pre-empting each other
-    with (
-        _lane(threaded) as token_lane,
-        _lane(threaded) as attn_lane,
-        _intra_op_threads(1 if threaded else None),
-    ):
-        with (
-            torch.inference_mode(),
-            finite_guard(adapter),
-            capture(
-                adapter,
-                sites=sites,
-                on_tokens=token_lane.wrap(tokens.on_tokens),
-                on_attention=attn_lane.wrap(attn.on_attention) if attention else None,
-                on_pre_attention=(
-                    attn_lane.wrap(attn.on_pre_attention)
-                    if attention and adapter.has_pre_attention
-                    else None
-                ),
-            ),
-        ):
-            for batch in batches:
-                grid = adapter.grid(tuple(batch.shape[-2:]))
-                token_lane.wrap(tokens.start_batch)(grid)
-                attn_lane.wrap(attn.start_batch)(grid)
-                net(batch.to(dev, non_blocking=True))
-                bar.update(batch.shape[0])
-                used += batch.shape[0]
-        token_lane.join()
-        attn_lane.join()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    wall = time.perf_counter() - start
-    bar.close()
+    # Two consumers, token sites and attention maps: they share no state, so on CPU each runs on
+    # its own worker lane beside the forward pass, keeping both cores busy.
+    tokens = Collector([s for s in specs if s.kind.startswith("token")], sites, warn)
+    attn = Collector([s for s in specs if s.kind.startswith("attn")], (), warn)
+    consumers = [c for c in (tokens, attn) if c.sites]
+    done = run(session, consumers, progress=progress, pipeline=pipeline, warn=warn, log=log)
 
-    ids = src.ids(label)
+    ids = session.ids(label)
     kinds = {s.name: s.kind for s in specs}
+    kinds.update({name: "attn" for name in adapter.head_params() if attn.attn_specs})
     metric_rows, spectra_rows = rows({**tokens.moments, **attn.moments}, kinds, adapter.depth, ids)
     table = moments_frame(metric_rows, METRIC_COLUMNS)
     spectra = moments_frame(spectra_rows, SPECTRA_COLUMNS)
     validate(table, spectra)
+    unavailable = not_scheduled
+    for part in (done.unavailable, tokens.unavailable, attn.unavailable):
+        unavailable.update(part)
+    geometry = adapter.geometry(done.image_hw) if done.image_hw else []
     info = {
-        **src.provenance(ids, used),
+        **session.provenance(ids, done.used),
         "num_heads": attn.num_heads,
-        "num_prefix_tokens": adapter.num_prefix,
-        "grid": list(tokens.grid),
+        "num_prefix_tokens": geometry[0].prefix if geometry else None,
+        "grid": list(geometry[0].grid) if geometry else [0, 0],
+        "stages": done.stages,
         "sites": list(sites),
         "metrics": [s.name for s in specs],
-        "attention_refused": {str(k): v for k, v in attn.refused.items()},
-        "pre_attention_refused": {str(k): v for k, v in attn.refused_pre.items()},
+        "unavailable": unavailable.as_dict(),
+        "attention_refused": {str(k): v for k, v in attn.refused[""].items()},
+        "pre_attention_refused": {str(k): v for k, v in attn.refused[PRE].items()},
         "attention_metrics_refused": {
-            f"{name} layer {layer}": why for (layer, name), why in attn.refused_metrics.items()
+            f"{name} layer {layer}": why for (layer, name), why in attn.dropped.items()
         },
-        "techniques": techniques(net),
+        "techniques": techniques(session.net),
         "dtype": "float32 forward, float64 metrics and accumulation",
-        **src.timing(used, wall),
+        **session.timing(done.used, done.wall),
     }
     return Result(metrics=table, spectra=spectra, info=info)
 
 
-@contextmanager
-def _intra_op_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` intra-op threads in this thread (None: unchanged), then restore."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def schedule(
+    specs: list[MetricSpec], sites: frozenset[str], stated: dict[str, str], warn
+) -> tuple[list[MetricSpec], Unavailable]:
+    """The metrics whose sites the model has, and the others as unavailable (with the reason
+    the adapter states for their sites, or for the metric).
 
-
-def _lane(threaded: bool):
-    return Pipeline(threads=1) if threaded else _Inline()
-
-
-class _Inline:
-    """The Pipeline interface, running every callback at once in the calling thread."""
-
-    def wrap(self, fn):
-        return fn
-
-    def join(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
-def _tensor_batches(batches: Iterable, num_images: int | None) -> Iterator:
-    """Preprocessed batches from a user's iterable, cut after ``num_images`` images."""
-    seen = 0
-    for batch in batches:
-        if isinstance(batch, (tuple, list)):
-            batch = batch[0]
-        if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
-            raise VitspecError("images must be a folder or an iterable of [B, 3, H, W] tensors")
-        if num_images is not None:
-            batch = batch[: num_images - seen]
-        if batch.shape[0]:
-            yield batch
-        seen += batch.shape[0]
-        if num_images is not None and seen >= num_images:
-            return
-    if seen == 0:
-        raise VitspecError("the image batches given were empty")
-
-
-def _stderr_warn(message: str) -> None:
-    print(f"vitspec: warning: {message}", file=sys.stderr)
+    Example:
+        >>> from vitspec.metrics import get_metric
+        >>> kept, gone = schedule([get_metric("erank"), get_metric("attn_cos")],
+        ...                       frozenset({"resid_post"}), {"pattern": "channel attention"}, None)
+        >>> [s.name for s in kept], gone.as_dict()
+        (['erank'], {'attn_cos': 'channel attention'})
+    """
+    kept, gone = [], Unavailable(warn)
+    for spec in specs:
+        if spec.name in stated:
+            gone.add(spec.name, stated[spec.name])
+        elif sites.isdisjoint(spec.sites):
+            why = next((stated[s] for s in spec.sites if s in stated), None)
+            gone.add(spec.name, why or f"the model has none of its sites ({', '.join(spec.sites)})")
+        else:
+            kept.append(spec)
+    return kept, gone

@@ -14,7 +14,8 @@ from vitspec.outputs import OutputDir, check_out_dir
 
 def _analyze(args: argparse.Namespace) -> int:
     label = args.label or _label(args)
-    out = Path(args.out or f"runs/{args.model}-{label}")
+    name = Path(args.model[3:]).name if args.model.startswith("hf:") else args.model
+    out = Path(args.out or f"runs/{name}-{label}")
     _check_paths(args)
     # the output location is claimed (its temporary sibling created) before torch is imported
     with OutputDir(out, overwrite=args.overwrite, protect=[args.images]) as tmp:
@@ -218,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model",
         help="timm model name or alias (deit_tiny, deit_small, deit_base, "
-        "deit_small_distilled, vit_tiny, vit_small, vit_base)",
+        "deit_small_distilled, vit_tiny, vit_small, vit_base), or hf:FOLDER for a local "
+        "Hugging Face transformers model (needs vitspec[hf])",
     )
     _add_weights(p)
     p.add_argument(

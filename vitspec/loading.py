@@ -6,19 +6,16 @@ checkpoint filter and the key / shape check live here; reading the files is
 truncated or garbage file, an unknown layout, weights of another architecture) becomes one
 :class:`~vitspec.errors.VitspecError` with a one-line message.
 
-Nothing here downloads: ``HF_HUB_OFFLINE=1`` is set (unless already set) when this module is
-imported, models are always created with ``pretrained=False``, and "pretrained" weights are only
-looked up in the local Hugging Face / torch hub caches.
+Nothing here downloads: models are always created with ``pretrained=False``, and "pretrained"
+weights are only looked up in the local Hugging Face / torch hub caches (without network access;
+the process environment, e.g. ``HF_HUB_OFFLINE``, is left as the user set it).
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import difflib
 import inspect
+import os
 import re
 import sys
 from dataclasses import dataclass, field

@@ -25,11 +25,10 @@ import torch
 from torch import nn
 
 import vitspec
-from vitspec.analysis import _stderr_warn, check_request, open_source, resolve_device
+from vitspec.engine import Inputs, Weights, check_request, open_session, run, stderr_warn
 from vitspec.errors import VitspecError
 from vitspec.inputs import check_count
 from vitspec.outputs import OutputDir
-from vitspec.progress import Progress, choose_mode
 from vitspec.verification.result import CHECKS, VERIFY_COLUMNS, VerifyResult, summarise, table
 
 __all__ = ["CHECKS", "VERIFY_COLUMNS", "VerifyResult", "check_usage", "verify"]
@@ -104,16 +103,11 @@ def verify(
         check_count(threads, "threads")
     request = None
     if not synthetic:  # every check before the model is built or an image read
-        dev = resolve_device(device)
-        weights = dict(ckpt=ckpt, random_init=random_init, model_kwargs=model_kwargs,
-                       img_size=img_size)
-        image_set = check_request(model, images=images, num_images=num_images,
-                                  batch_size=batch_size, sample=sample,
-                                  sample_seed=sample_seed, **weights)
-        request = dict(weights, seed=seed, ema=ema, strict=strict,
-                       featscale_form=featscale_form, trust_checkpoint=trust_checkpoint,
-                       image_set=image_set, images=images, num_images=num_images,
-                       batch_size=batch_size, device=dev)
+        weights = Weights(ckpt, random_init, seed, ema, strict, model_kwargs, featscale_form,
+                          img_size, trust_checkpoint)
+        inputs = Inputs(images, num_images, batch_size, sample, sample_seed)
+        request = dict(weights=weights, inputs=inputs,
+                       request=check_request(model, weights, inputs, device))
     claim = OutputDir(out, overwrite=overwrite, protect=[images]) if out is not None else None
     start = time.perf_counter()
     saved = torch.get_num_threads()
@@ -125,7 +119,7 @@ def verify(
                 result = _synthetic(sizes, max_steps, seed, start)
             else:
                 result = _model(model, request, label=label, max_steps=max_steps, seed=seed,
-                                progress=progress, warn=warn or _stderr_warn, log=log,
+                                progress=progress, warn=warn or stderr_warn, log=log,
                                 start=start)
             if tmp is not None:
                 result.write(tmp, figures=figures)
@@ -191,34 +185,25 @@ def _synthetic(sizes, max_steps: int, seed: int, start: float) -> VerifyResult:
 
 def _model(model, request: dict, *, label, max_steps, seed, progress, warn, log,
            start) -> VerifyResult:
-    from vitspec.capture import capture, finite_guard
     from vitspec.verification.model import ModelVerifier
 
-    src = open_source(model, **request, warn=warn, log=log)
-    loaded, net, adapter, dev = src.loaded, src.net, src.adapter, src.device
-    verifier = ModelVerifier(adapter, dev, max_steps=max_steps, seed=seed)
-    bar = Progress(src.total, choose_mode(progress), log)
-    used = 0
-    with torch.inference_mode(), finite_guard(adapter), capture(
-        adapter, sites=("embed", "block"), on_tokens=verifier.on_tokens,
-        on_attention=verifier.on_attention, on_attn_branch=verifier.on_attn_branch,
-    ):
-        for batch in src.batches:
-            verifier.start_batch()
-            net(batch.to(dev, non_blocking=True))
-            bar.update(batch.shape[0])
-            used += batch.shape[0]
-    bar.close()
+    session = open_session(model, **request, warn=warn, log=log)
+    verifier = ModelVerifier(session.adapter, session.device, max_steps=max_steps, seed=seed)
+    done = run(session, [verifier], progress=progress, warn=warn, log=log)
     if not verifier.tallies:
-        raise VitspecError(f"no attention matrix was captured from {loaded.name}: its blocks "
-                           "expose no post-softmax attention (attn.attn_drop)")
-    ids = src.ids(label)
+        raise VitspecError(f"no attention matrix was captured from {session.loaded.name}: "
+                           "its blocks expose no square post-softmax attention")
+    ids = session.ids(label)
     df = table(verifier.tallies, ids, verifier.not_applicable())
     wall = time.perf_counter() - start
+    unavailable = done.unavailable.as_dict()
+    unavailable.update({f"checks at layer {layer}": why for layer, why in verifier.shapes.items()})
     info = {
-        **src.provenance(ids, used),
+        **session.provenance(ids, done.used),
         "num_heads": verifier.num_heads,
         "tokens": verifier.n_tokens,
+        "stages": done.stages,
+        "unavailable": unavailable,
         "seed": seed,
         "max_steps": max_steps,
         "tolerances": CHECKS,
@@ -229,7 +214,7 @@ def _model(model, request: dict, *, label, max_steps, seed, progress, warn, log,
         },
         "residual_rate": verifier.residual_note(),
         "dtype": "float32 forward, float64 checks",
-        **src.timing(used, wall),
+        **session.timing(done.used, wall),
         "summary": summarise(df),
     }
     data = {k: pd.DataFrame(v) for k, v in verifier.figure_data().items()}

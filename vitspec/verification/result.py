@@ -16,6 +16,7 @@ import pandas as pd
 from vitspec.errors import VitspecError
 from vitspec.outputs import atomic_dir
 from vitspec.verification.checks import PREMISE_TOL, RECON_TOL, RTOL
+from vitspec.verification.tally import PREMISE, Tallies, Tally  # noqa: F401 (re-exported)
 
 VERIFY_COLUMNS = ["run", "model", "checkpoint", "check", "layer", "head", "cases", "violations",
                   "max_slack", "tolerance", "status", "reason"]
@@ -34,45 +35,7 @@ CHECKS: dict[str, float] = {
     "msa_reconstruction": RECON_TOL,
     "attnscale_gain": RTOL,
 }
-PREMISE = "row_stochastic"
 FILES = ("verify.csv", "verify.json")
-
-
-class Tally:
-    """Fixed-size streaming counters of one (check, layer, head): cases, violations, max slack.
-
-    Example:
-        >>> import torch
-        >>> from vitspec.verification.checks import Outcome
-        >>> t = Tally()
-        >>> t.add(Outcome(torch.tensor([0.5, 2.0]), torch.tensor([False, True])))
-        >>> t.cases, t.violations, t.max_slack
-        (2, 1, 2.0)
-    """
-
-    def __init__(self) -> None:
-        self.cases = 0
-        self.violations = 0
-        self.max_slack = 0.0
-
-    def add(self, outcome) -> None:
-        slack = outcome.slack.detach().reshape(-1).double()
-        if slack.numel() == 0:
-            return
-        self.cases += slack.numel()
-        self.violations += int(outcome.violated.sum())
-        slack = slack.nan_to_num(nan=math.inf)
-        self.max_slack = max(self.max_slack, float(slack.max()))
-
-
-class Tallies(dict):
-    """``(check, layer, head) -> Tally``, created on first use."""
-
-    def add(self, check: str, layer: int | None, head: int | None, outcome) -> None:
-        key = (check, layer, head)
-        if key not in self:
-            self[key] = Tally()
-        self[key].add(outcome)
 
 
 def table(tallies: Tallies, ids: dict, na: dict[tuple, str]) -> pd.DataFrame:
