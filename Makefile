@@ -18,13 +18,14 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/vitspec analyze deit_small --random-init --out reports/demo --overwrite
+	$(VENV)/bin/vitspec analyze deit_small --random-init --out runs/demo --overwrite
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check vitspec tests benchmarks experiments scripts
+	$(VENV)/bin/ruff format --check vitspec tests benchmarks experiments scripts
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/throughput.py

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import platform
 import queue
+import re
 import sys
 import threading
 import time
@@ -26,16 +27,24 @@ from typing import Protocol
 import timm
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 import vitspec
+from vitspec import hf
 from vitspec.adapters import Adapter, Geometry, get_adapter
 from vitspec.capture import capture
-from vitspec.errors import VitspecError
-from vitspec.inputs import ImageSet, eval_transform, iter_batches, open_images
-from vitspec.loading import LoadedModel, load_model
+from vitspec.errors import VitspecError, option
+from vitspec.inputs import (
+    ImageSet,
+    check_count,
+    eval_data_config,
+    eval_transform,
+    iter_batches,
+    open_images,
+)
+from vitspec.loading import LoadedModel, check_weights, load_model
 from vitspec.pipeline import Pipeline
-from vitspec.sites import OPTIONAL_SITES, Unavailable
+from vitspec.progress import Progress, choose_mode
+from vitspec.sites import OPTIONAL_SITES, RESID_POST, RESID_PRE, Unavailable
 
 
 @dataclass(frozen=True)
@@ -54,16 +63,29 @@ class Weights:
     strict: bool = True
     model_kwargs: dict | None = None
     featscale_form: str | None = None
+    img_size: int | None = None
+    trust_checkpoint: bool = False
 
 
 @dataclass(frozen=True)
 class Inputs:
-    """The images: a folder (default the bundled photographs) or preprocessed ``[B, 3, H, W]``
-    batches; the first ``num_images``; ``batch_size`` per forward pass."""
+    """The images: a folder or one image file (default the bundled photographs), or
+    preprocessed ``[B, 3, H, W]`` batches; ``num_images`` of them, the first (``sample='first'``)
+    or a seeded uniform draw (``'random'``, ``sample_seed``); ``batch_size`` per forward pass."""
 
     images: str | Path | Iterable | None = None
     num_images: int | None = None
     batch_size: int = 16
+    sample: str = "first"
+    sample_seed: int = 0
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked request (:func:`check_request`): the device and the listed image folder."""
+
+    device: torch.device
+    image_set: ImageSet | None
 
 
 @dataclass(frozen=True)
@@ -145,6 +167,9 @@ class Session:
             "images": {
                 "source": images.source if images else "tensors",
                 "requested": self.inputs.num_images,
+                "found": images.found if images else None,
+                "sample": images.sample if images else "first",
+                "sample_seed": images.seed if images and images.sample == "random" else None,
                 "used": used,
                 "skipped": images.skipped if images else [],
                 "files": images.used if images else [],
@@ -195,18 +220,65 @@ def resolve_device(device: str) -> torch.device:
     """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise VitspecError(f"unknown device {device!r}; allowed: auto, cpu, cuda")
+    if not isinstance(device, str) or (
+        device not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device)
+    ):
+        raise VitspecError(
+            f"unknown {option('device')} {device!r}; allowed: auto, cpu, cuda, cuda:N"
+        )
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise VitspecError(
-            "--device cuda was asked for but CUDA is not available on this machine; "
-            "use --device cpu or auto"
+            f"{option('device')} {device} was asked for but CUDA is not available on this "
+            "machine; use cpu or auto"
         )
     return torch.device(device)
 
 
+def check_request(
+    model: str | nn.Module,
+    weights: Weights = Weights(),
+    inputs: Inputs = Inputs(),
+    device: str | torch.device = "auto",
+) -> Request:
+    """Every check that needs no model and reads no image: the device, the model name and
+    weight options, the batch size and the image selection (the folder is listed here).
+
+    Example:
+        >>> check_request("deit_tiny", Weights(random_init=True), Inputs(num_images=2)).device
+        device(type='cpu')
+    """
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    check_count(inputs.batch_size, "batch_size")
+    if hf.is_hf(model):
+        if weights != Weights():
+            raise VitspecError(
+                f"{model}: the weights are the folder's; {option('ckpt')}, "
+                f"{option('random_init')}, {option('ema')} and model options do not apply"
+            )
+    elif not isinstance(model, nn.Module):
+        check_weights(
+            model,
+            ckpt=weights.ckpt,
+            random_init=weights.random_init,
+            model_kwargs=weights.model_kwargs,
+            img_size=weights.img_size,
+        )
+    images, num = inputs.images, inputs.num_images
+    if images is None or isinstance(images, (str, Path)):
+        listed = open_images(images, num, sample=inputs.sample, seed=inputs.sample_seed)
+        return Request(dev, listed)
+    if num is not None:
+        check_count(num, "num_images")
+    if inputs.sample != "first":
+        raise VitspecError(
+            f"{option('sample')} {inputs.sample!r} needs an image folder: batches are used in order"
+        )
+    return Request(dev, None)
+
+
 def load(model: str | nn.Module, weights: Weights = Weights()) -> LoadedModel:
-    """A ``LoadedModel`` from a name (with ``weights``) or an in-memory module (used as is)."""
+    """A ``LoadedModel`` from a timm name (with ``weights``) or an in-memory module (used as
+    is); ``hf:PATH`` folders are opened by :func:`open_session`."""
     if isinstance(model, nn.Module):
         name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
         return LoadedModel(
@@ -226,28 +298,63 @@ def open_session(
     inputs: Inputs = Inputs(),
     device: str | torch.device = "auto",
     warn: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    request: Request | None = None,
 ) -> Session:
-    """Resolve the device, load ``model``, find its adapter and open its images; every user
-    mistake is a one-line :class:`VitspecError` before any work."""
+    """Load ``model``, find its adapter and start reading its images. Every user mistake is a
+    one-line :class:`VitspecError` before any work: the checks of :func:`check_request` run
+    first (pass its ``request`` when they already ran). The weights, model geometry and image
+    lines go to ``log``."""
     warn = warn or stderr_warn
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    size = inputs.batch_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise VitspecError(f"--batch-size must be >= 1, got {size!r}")
-    loaded = load(model, weights)
+    request = request or check_request(model, weights, inputs, device)
+    if hf.is_hf(model):
+        loaded, transform = hf.load_folder(model)
+    else:
+        loaded, transform = load(model, weights), None
     for line in loaded.provenance.get("warnings", []):
         warn(line)
     net = loaded.model.eval()
     adapter = get_adapter(net, loaded.timm_name)
-    images, num = inputs.images, inputs.num_images
-    if images is None or isinstance(images, (str, Path)):
-        image_set = open_images(images, num)
-        batches = iter_batches(image_set, eval_transform(net), size, warn=warn)
+    image_set, num = request.image_set, inputs.num_images
+    if image_set is not None:
+        transform = transform or eval_transform(net)
+        batches = iter_batches(image_set, transform, inputs.batch_size, warn=warn)
         total = num if num is not None else len(image_set.paths)
     else:
-        image_set, batches, total = None, _tensor_batches(images, num), num
-    net.to(dev)
-    return Session(loaded, adapter, image_set, batches, total, inputs, dev)
+        batches, total = _tensor_batches(inputs.images, num), num
+    if log is not None:
+        size = tuple(eval_data_config(net)["input_size"][1:]) if image_set is not None else None
+        for line in _describe(loaded, adapter, image_set, size):
+            log(line)
+    net.to(request.device)
+    return Session(loaded, adapter, image_set, batches, total, inputs, request.device)
+
+
+def _describe(loaded: LoadedModel, adapter: Adapter, images, size) -> list[str]:
+    """One line each: the weights, the model's geometry, the images found and used."""
+    prov = loaded.provenance
+    if loaded.checkpoint == "random-init":
+        weights = (
+            f"weights: RANDOM initialisation (seed {prov.get('seed')}): the numbers describe "
+            "an untrained network"
+        )
+    elif prov.get("sha256"):
+        weights = f"checkpoint {prov['checkpoint_path']} (sha256 {prov['sha256'][:12]}) loaded"
+    else:
+        weights = f"weights: {loaded.checkpoint}"
+    lines = [weights, *prov.get("notes", [])]
+    if images is not None:
+        first = adapter.geometry(size)[0]
+        h, w = first.grid
+        lines.append(
+            f"model {loaded.timm_name}: {adapter.depth} blocks, {first.prefix + h * w} tokens "
+            f"({first.prefix} prefix + {h}x{w} grid), {size[0]}x{size[1]} images"
+        )
+        where = "bundled photos" if images.source == "bundled" else images.source
+        use = images.num_images or images.found
+        how = f"random, seed {images.seed}" if images.sample == "random" else "first in order"
+        lines.append(f"images: {images.found} found in {where}, using {use} ({how})")
+    return lines
 
 
 def available_sites(adapter: Adapter) -> frozenset[str]:
@@ -274,15 +381,22 @@ def run(
     session: Session,
     consumers: Sequence[Consumer],
     *,
-    progress: bool = False,
+    progress: bool | str = False,
     pipeline: bool = True,
     warn: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> RunInfo:
     """The one forward loop: every batch through the model with the consumers' sites hooked.
 
-    On CPU with ``pipeline`` each consumer runs on its own worker lane beside the forward pass
-    (every thread on one core; results identical to running inline); on CUDA inline, the
-    kernels are already asynchronous. Memory stays flat in the number of images.
+    On CPU with ``pipeline`` and two or more torch threads, when every consumer can ``spawn()``
+    an empty twin, the run is data-parallel: whole batches go to that many worker threads of one
+    core each (batch i to thread i mod threads), each with its own consumers, folded together
+    with ``merge_state`` at the end; every batch is measured as in a single thread and no core
+    waits for another. Otherwise each consumer runs on its own worker lane beside the forward
+    pass; on CUDA inline, the kernels are already asynchronous. Memory stays flat in the number
+    of images. Progress (``True``: a bar on a terminal, else lines through ``log``; see
+    :mod:`vitspec.progress`). Every block's output is checked for NaN/Inf on the forward
+    thread, so the error names the first block that produced one, before any consumer sees it.
     """
     warn = warn or stderr_warn
     adapter, dev = session.adapter, session.device
@@ -290,13 +404,14 @@ def run(
     unavailable = missing_sites(adapter, sites, warn)
     head_params = adapter.head_params()
     threaded = pipeline and dev.type == "cpu"
-    bar = tqdm(total=session.total, unit="img", disable=not progress, file=sys.stderr, leave=False)
+    bar = Progress(session.total, choose_mode(progress), log)
+    guard = _finite_guard(adapter)
     workers = torch.get_num_threads() if threaded else 1
     start = time.perf_counter()
     if workers > 1 and all(hasattr(c, "spawn") for c in consumers):
-        used, image_hw = _data_parallel(session, consumers, workers, head_params, bar)
+        used, image_hw = _data_parallel(session, consumers, workers, head_params, bar, guard)
     else:
-        used, image_hw = _lanes(session, consumers, threaded, head_params, bar)
+        used, image_hw = _lanes(session, consumers, threaded, head_params, bar, guard)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     wall = time.perf_counter() - start
@@ -304,7 +419,12 @@ def run(
     return RunInfo(used, wall, image_hw, stages, unavailable)
 
 
-def _lanes(session: Session, consumers, threaded: bool, head_params: dict, bar):
+def _watched(adapter: Adapter, sites: frozenset[str]) -> frozenset[str]:
+    """The consumers' sites plus the block outputs the finite guard checks."""
+    return sites | (available_sites(adapter) & {RESID_PRE, RESID_POST})
+
+
+def _lanes(session: Session, consumers, threaded: bool, head_params: dict, bar, guard):
     """One forward pass at a time; each consumer on its own worker lane beside it (threaded)."""
     adapter, dev = session.adapter, session.device
     sites = frozenset().union(*(c.sites for c in consumers))
@@ -319,10 +439,11 @@ def _lanes(session: Session, consumers, threaded: bool, head_params: dict, bar):
                 routes.setdefault(site, []).append(lane.wrap(consumer.on))
 
         def emit(site: str, layer: int, x: Tensor) -> None:
+            guard(site, layer, x)
             for deliver in routes.get(site, ()):
                 deliver(site, layer, x)
 
-        with torch.inference_mode(), capture(adapter, sites, emit):
+        with torch.inference_mode(), capture(adapter, _watched(adapter, sites), emit):
             for batch in session.batches:
                 image_hw = tuple(batch.shape[-2:])
                 geometry = adapter.geometry(image_hw)
@@ -338,12 +459,10 @@ def _lanes(session: Session, consumers, threaded: bool, head_params: dict, bar):
     return used, image_hw
 
 
-def _data_parallel(session: Session, consumers, workers: int, head_params: dict, bar):
+def _data_parallel(session: Session, consumers, workers: int, head_params: dict, bar, guard):
     """Whole batches over ``workers`` threads (batch i on thread i mod workers, one core each),
     each thread with its own copies of the consumers (``spawn()``), folded into ``consumers``
-    with ``merge_state`` in thread order at the end: every batch is measured exactly as in one
-    thread, and both cores run the forward pass and the metrics without waiting on each other.
-    """
+    with ``merge_state`` in thread order at the end."""
     adapter, dev = session.adapter, session.device
     sites = frozenset().union(*(c.sites for c in consumers))
     teams = [list(consumers)] + [[c.spawn() for c in consumers] for _ in range(workers - 1)]
@@ -352,6 +471,7 @@ def _data_parallel(session: Session, consumers, workers: int, head_params: dict,
     errors: list[BaseException] = []
 
     def emit(site: str, layer: int, x: Tensor) -> None:
+        guard(site, layer, x)
         for consumer in local.team:
             if site in consumer.sites:
                 consumer.on(site, layer, x)
@@ -375,7 +495,7 @@ def _data_parallel(session: Session, consumers, workers: int, head_params: dict,
         for i, (team, jobs) in enumerate(zip(teams, queues))
     ]
     used, index, image_hw = 0, 0, None
-    with capture(adapter, sites, emit):
+    with capture(adapter, _watched(adapter, sites), emit):
         for t in threads:
             t.start()
         try:
@@ -383,9 +503,8 @@ def _data_parallel(session: Session, consumers, workers: int, head_params: dict,
                 if errors:
                     break
                 image_hw = tuple(batch.shape[-2:])
-                info = BatchInfo(
-                    index, batch.shape[0], image_hw, adapter.geometry(image_hw), head_params
-                )
+                geometry = adapter.geometry(image_hw)
+                info = BatchInfo(index, batch.shape[0], image_hw, geometry, head_params)
                 queues[index % workers].put((info, batch))
                 bar.update(batch.shape[0])
                 used += batch.shape[0]
@@ -402,6 +521,30 @@ def _data_parallel(session: Session, consumers, workers: int, head_params: dict,
         for mine, theirs in zip(consumers, team):
             mine.merge_state(theirs.state())
     return used, image_hw
+
+
+def _finite_guard(adapter: Adapter) -> Callable[[str, int, Tensor], None]:
+    """A check of the embedding and of every block output: a VitspecError (exit 1) naming the
+    first block whose output is not finite."""
+    names = {id(m): n for n, m in adapter.model.named_modules()}
+
+    def check(site: str, layer: int, x: Tensor) -> None:
+        if site not in (RESID_PRE, RESID_POST) or (site == RESID_PRE and layer != 1):
+            return
+        if bool(torch.isfinite(x).all()):
+            return
+        if site == RESID_PRE:
+            where = "the embedding (the input of block 1)"
+        else:
+            module = names.get(id(adapter.taps()[(site, layer)].module))
+            where = f"block {layer}" + (f" ({module})" if module else "")
+        raise VitspecError(
+            f"NaN or Inf in the output of {where}: the model's activations are not finite "
+            "(check the checkpoint and input scaling)",
+            exit_code=1,
+        )
+
+    return check
 
 
 @contextmanager

@@ -58,6 +58,7 @@ class CrossVitAdapter(LayeredAdapter):
                     Layer(
                         stage=f"fusion into {names[b]}",
                         post=Tap(msb, "output", item(b)),
+                        pre=Tap(msb.blocks[b], "output") if len(msb.blocks[b]) else None,
                         grid_from=grid_maps[b],
                         pattern=None if attn is None else Tap(attn.attn_drop, "input"),
                         prefix=1,

@@ -8,6 +8,7 @@ widths where they depend on convolution arithmetic (stride, padding, pooling).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -85,14 +86,17 @@ def shape_probe(
     """Shapes seen at ``taps`` (``{key: (module, "input" | "output")}``) in one forward pass of a
     zero image ``[1, 3, *image_hw]``; the first call of each module counts. The model's train/eval
     flags are restored and no gradient is kept (batch-norm statistics do not move: eval mode).
+    Hooks already on the model (a running capture's) are suspended for this pass, so it is safe
+    to call from inside a run.
 
     Example:
         >>> conv = nn.Conv2d(3, 4, 3, stride=2)
-        >>> shape_probe(conv, (9, 9), {"out": (conv, "output")})
-        {'out': (1, 4, 4, 4)}
+        >>> seen = []
+        >>> _ = conv.register_forward_hook(lambda *a: seen.append(1))
+        >>> shape_probe(conv, (9, 9), {"out": (conv, "output")}), seen, len(conv._forward_hooks)
+        ({'out': (1, 4, 4, 4)}, [], 1)
     """
     shapes: dict[object, tuple[int, ...]] = {}
-    handles = []
 
     def keep(key):
         def hook(_m, args, output=None):
@@ -104,21 +108,24 @@ def shape_probe(
         return hook
 
     modes = {m: m.training for m in model.modules()}
+    suspended = {m: (m._forward_pre_hooks, m._forward_hooks) for m in model.modules()}
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     try:
+        for module in suspended:
+            module._forward_pre_hooks, module._forward_hooks = OrderedDict(), OrderedDict()
         for key, (module, when) in taps.items():
             if when == "input":
-                handles.append(module.register_forward_pre_hook(keep(key)))
+                module.register_forward_pre_hook(keep(key))
             else:
-                handles.append(module.register_forward_hook(keep(key)))
+                module.register_forward_hook(keep(key))
         model.eval()
         with torch.no_grad():
             model(torch.zeros(1, 3, *image_hw, device=device, dtype=dtype))
     finally:
-        for handle in handles:
-            handle.remove()
+        for module, (pre, post) in suspended.items():  # drops the probe's own hooks too
+            module._forward_pre_hooks, module._forward_hooks = pre, post
         for module, training in modes.items():
             module.train(training)
     return shapes

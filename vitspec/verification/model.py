@@ -3,7 +3,7 @@
 A :class:`ModelVerifier` is the consumer the capture hooks call. For block ``l`` it holds the
 block input ``X_l``, the attention input ``Y_l``, the attention ``A_l`` and the branch output
 until the block returns, runs every check on them in float64, folds the outcomes into
-fixed-size :class:`~vitspec.verification.result.Tallies` and small figure summaries, and drops the
+fixed-size :class:`~vitspec.verification.tally.Tallies` and small figure summaries, and drops the
 tensors. Only the product paths (``[B, paths, N, k]``) live from one layer to the next, within a
 batch.
 """
@@ -19,8 +19,8 @@ from vitspec.adapters import Adapter
 from vitspec.functional import attn_hc_gain
 from vitspec.sites import ATTN_IN, ATTN_OUT, PATTERN, RESID_POST, RESID_PRE
 from vitspec.verification import checks as ck
-from vitspec.verification.result import PREMISE, Tallies
 from vitspec.verification.summaries import figure_data
+from vitspec.verification.tally import PREMISE, Tallies
 
 RANDOM_PATHS = 8  # head paths with random head choices (Dong et al. 2021)
 REAL_COLS = 4  # real start vectors per trajectory set: random combinations of the real inputs
@@ -124,11 +124,7 @@ class ModelVerifier:
 
     def merge_state(self, other: dict) -> None:
         """Fold another verifier's :meth:`state` in (counts add, maxima take the larger)."""
-        for key, tally in other["tallies"].items():
-            mine = self.tallies.setdefault(key, type(tally)())
-            mine.cases += tally.cases
-            mine.violations += tally.violations
-            mine.max_slack = max(mine.max_slack, tally.max_slack)
+        self.tallies.merge(other["tallies"])
         for key, value in other["sums"].items():
             if key not in self._sums:
                 self._sums[key] = value.clone()
