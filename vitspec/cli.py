@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import glob
+import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -11,34 +14,113 @@ from pathlib import Path
 from vitspec.errors import VitspecError, cli_names
 from vitspec.outputs import OutputDir, check_out_dir
 
+INDEX = "index.json"  # the run folders of a several-checkpoint analyze
+
 
 def _analyze(args: argparse.Namespace) -> int:
+    ckpts = _checkpoints(args.ckpt)
+    if len(ckpts) > 1:
+        return _analyze_many(args, ckpts)
+    args.ckpt = ckpts[0] if ckpts else None
     label = args.label or _label(args)
     name = Path(args.model[3:]).name if args.model.startswith("hf:") else args.model
     out = Path(args.out or f"runs/{name}-{label}")
     _check_paths(args)
+    from vitspec.shards import distributed_shard, parse_shard
+
+    shard = parse_shard(args.shard)  # a bad K/N fails before the model is built
+    rank = distributed_shard()
+    if rank is not None and rank.index != 0:  # torchrun: rank 0 writes the merged run
+        from vitspec.analysis import analyze
+
+        analyze(args.model, **_analyze_options(args, label), **_messages(args, quiet=True))
+        return 0
     # the output location is claimed (its temporary sibling created) before torch is imported
     with OutputDir(out, overwrite=args.overwrite, protect=[args.images]) as tmp:
         from vitspec.analysis import analyze
 
-        result = analyze(
-            args.model,
-            **_weights(args),
-            **_inputs(args),
-            sites=[s.strip() for s in args.sites.split(",") if s.strip()],
-            metrics=args.metrics,
-            device=args.device,
-            label=label,
-            featscale_form=args.featscale_form,
-            **_messages(args),
-        )
+        result = analyze(args.model, **_analyze_options(args, label), **_messages(args))
         result.write(tmp, figures=not args.no_figures)
     info = result.info
+    part = f" (shard {shard}, state.pt for vitspec merge)" if shard else ""
     _say(
         args,
         f"{info['images']['used']} images, {info['images_per_s']} img/s on {info['device']}"
         f" -> {out}/ (metrics.csv, spectra.csv, run.json"
-        f"{', figures' if not args.no_figures else ''})",
+        f"{', figures' if not args.no_figures else ''}){part}",
+    )
+    return 0
+
+
+def _analyze_options(args: argparse.Namespace, label: str) -> dict:
+    return dict(
+        **_weights(args),
+        **_inputs(args),
+        sites=[s.strip() for s in args.sites.split(",") if s.strip()],
+        metrics=args.metrics,
+        device=args.device,
+        label=label,
+        featscale_form=args.featscale_form,
+        shard=args.shard,
+    )
+
+
+def _checkpoints(values: list[str] | str | None) -> list[str]:
+    """``--ckpt`` values with shell-style patterns expanded (sorted), in the order given."""
+    if values is None:
+        return []
+    out: list[str] = []
+    for value in [values] if isinstance(values, str) else values:
+        if glob.has_magic(value):
+            found = sorted(glob.glob(os.path.expanduser(value)))
+            if not found:
+                raise VitspecError(f"--ckpt {value!r} matches no file")
+            out += found
+        else:
+            out.append(value)
+    return out
+
+
+def _analyze_many(args: argparse.Namespace, ckpts: list[str]) -> int:
+    """One run folder per checkpoint (named by its file stem) under --out, plus index.json."""
+    stems = [Path(c).stem for c in ckpts]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:
+        raise VitspecError(f"--ckpt files share the stem {twice[0]!r}: run folders are named by it")
+    if args.label or args.shard:
+        raise VitspecError("--label and --shard take one --ckpt (each run is labelled by its stem)")
+    name = Path(args.model[3:]).name if args.model.startswith("hf:") else args.model
+    out = Path(args.out or f"runs/{name}-checkpoints")
+    for ckpt in ckpts:
+        args.ckpt = ckpt
+        _check_paths(args)
+    with OutputDir(out, overwrite=args.overwrite, protect=[args.images, *ckpts]) as tmp:
+        from vitspec.analysis import analyze
+
+        runs = []
+        for ckpt, stem in zip(ckpts, stems):
+            args.ckpt = ckpt
+            result = analyze(args.model, **_analyze_options(args, stem), **_messages(args))
+            (tmp / stem).mkdir()
+            result.write(tmp / stem, figures=not args.no_figures)
+            runs.append({"folder": stem, "run": result.info["run"], "checkpoint": ckpt})
+            _say(args, f"{ckpt}: {result.info['images']['used']} images -> {out / stem}/")
+        index = {"kind": "vitspec checkpoints", "model": args.model, "runs": runs}
+        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    _say(args, f"{len(ckpts)} checkpoints -> {out}/ ({INDEX} lists the run folders)")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    check_out_dir(args.out, args.overwrite, protect=args.shard_dirs)
+    from vitspec.merge import merge_runs
+
+    result = merge_runs(
+        args.shard_dirs, args.out, overwrite=args.overwrite, figures=not args.no_figures
+    )
+    _say(
+        args,
+        f"{len(args.shard_dirs)} shards, {result.info['images']['used']} images -> {args.out}/",
     )
     return 0
 
@@ -81,12 +163,13 @@ def _inputs(args: argparse.Namespace) -> dict:
     )
 
 
-def _messages(args: argparse.Namespace) -> dict:
+def _messages(args: argparse.Namespace, quiet: bool = False) -> dict:
     """Progress, notes and warnings on stderr; ``--quiet`` keeps only errors."""
+    quiet = quiet or args.quiet
     return dict(
-        progress=not args.quiet,
-        log=None if args.quiet else lambda line: print(f"vitspec: {line}", file=sys.stderr),
-        warn=(lambda _line: None) if args.quiet else None,
+        progress=not quiet,
+        log=None if quiet else lambda line: print(f"vitspec: {line}", file=sys.stderr),
+        warn=(lambda _line: None) if quiet else None,
     )
 
 
@@ -222,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         "deit_small_distilled, vit_tiny, vit_small, vit_base), or hf:FOLDER for a local "
         "Hugging Face transformers model (needs vitspec[hf])",
     )
-    _add_weights(p)
+    _add_weights(p, many=True)
     p.add_argument(
         "--featscale-form",
         choices=("doubled", "single"),
@@ -241,12 +324,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATTERNS",
         help="comma-separated metric name patterns, e.g. 'hc_*,attn_entropy' (default: all)",
     )
-    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<model>-<label>)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="run directory (default: runs/<model>-<label>); with several --ckpt, the folder "
+        "of their run folders (default runs/<model>-checkpoints)",
+    )
     p.add_argument("--label", help="run label (default: checkpoint file stem or random-init)")
+    p.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="analyse part K of N (batches b with b mod N = K) and save state.pt for "
+        "'vitspec merge'; under torchrun every rank is a shard by itself",
+    )
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.add_argument("--no-figures", action="store_true", help="write the tables only")
     _add_common(p)
     p.set_defaults(func=_analyze)
+
+    p = sub.add_parser(
+        "merge",
+        help="fold 'analyze --shard K/N' folders into one run folder",
+        description="Merge the shards of one analysis (every K of N, same model, weights, "
+        "options and images) into the run folder a one-process run writes.",
+    )
+    p.add_argument("shard_dirs", nargs="+", metavar="DIR", help="shard run folders")
+    p.add_argument("--out", required=True, metavar="DIR", help="the merged run folder")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    p.add_argument("--no-figures", action="store_true", help="write the tables only")
+    _add_common(p)
+    p.set_defaults(func=_merge)
 
     p = sub.add_parser(
         "compare",
@@ -351,12 +458,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_weights(p: argparse.ArgumentParser) -> None:
+def _add_weights(p: argparse.ArgumentParser, many: bool = False) -> None:
     g = p.add_argument_group("weights")
     w = g.add_mutually_exclusive_group()
-    w.add_argument(
-        "--ckpt", metavar="FILE", help="local checkpoint (.pth, .pt, .bin, .safetensors)"
-    )
+    if many:
+        w.add_argument(
+            "--ckpt",
+            nargs="+",
+            metavar="FILE",
+            help="local checkpoint(s) (.pth, .pt, .bin, .safetensors) or a quoted glob; "
+            "several: one run folder each under --out, plus index.json",
+        )
+    else:
+        w.add_argument(
+            "--ckpt", metavar="FILE", help="local checkpoint (.pth, .pt, .bin, .safetensors)"
+        )
     w.add_argument(
         "--random-init", action="store_true", help="random weights (every output says so)"
     )

@@ -419,6 +419,12 @@ def run(
     return RunInfo(used, wall, image_hw, stages, unavailable)
 
 
+def _global(session: Session, local: int) -> int:
+    """The run's index of the session's ``local``-th batch (a shard runs every N-th batch)."""
+    batches = session.batches
+    return batches.global_index(local) if hasattr(batches, "global_index") else local
+
+
 def _watched(adapter: Adapter, sites: frozenset[str]) -> frozenset[str]:
     """The consumers' sites plus the block outputs the finite guard checks."""
     return sites | (available_sites(adapter) & {RESID_PRE, RESID_POST})
@@ -447,7 +453,9 @@ def _lanes(session: Session, consumers, threaded: bool, head_params: dict, bar, 
             for batch in session.batches:
                 image_hw = tuple(batch.shape[-2:])
                 geometry = adapter.geometry(image_hw)
-                info = BatchInfo(index, batch.shape[0], image_hw, geometry, head_params)
+                info = BatchInfo(
+                    _global(session, index), batch.shape[0], image_hw, geometry, head_params
+                )
                 for consumer, lane in zip(consumers, lanes):
                     lane.wrap(consumer.start_batch)(info)
                 session.net(batch.to(dev, non_blocking=True))
@@ -504,7 +512,9 @@ def _data_parallel(session: Session, consumers, workers: int, head_params: dict,
                     break
                 image_hw = tuple(batch.shape[-2:])
                 geometry = adapter.geometry(image_hw)
-                info = BatchInfo(index, batch.shape[0], image_hw, geometry, head_params)
+                info = BatchInfo(
+                    _global(session, index), batch.shape[0], image_hw, geometry, head_params
+                )
                 queues[index % workers].put((info, batch))
                 bar.update(batch.shape[0])
                 used += batch.shape[0]
