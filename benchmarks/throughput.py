@@ -11,8 +11,10 @@ Each ratio is measured in one process: plain inference (timm's default fused att
 hooks) and the vitspec call run alternately on the same synthetic images, batch size and torch
 thread count, ``--repeats`` times; the median of the per-pair ratios is printed (pairs, because
 the machine may be shared). Weights are random-init (``pretrained=False``): the cost does not
-depend on the weights' values, only on shapes. Peak memory is measured in fresh subprocesses
-(peak RSS on CPU, peak allocated on CUDA). Details (machine, timings) go to stderr.
+depend on the weights' values, only on shapes. Both run with PyTorch's transparent-huge-page
+CPU allocator (``THP_MEM_ALLOC_ENABLE=1``, as the vitspec command sets it). Peak memory is
+measured in fresh subprocesses (peak RSS on CPU, peak allocated on CUDA). Details (machine,
+timings) go to stderr.
 
     python benchmarks/throughput.py                  # the four lines
     python benchmarks/throughput.py --only deit      # one of deit, dinov2, verify, memory
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -29,10 +32,12 @@ import subprocess
 import sys
 import time
 
-import timm
-import torch
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the vitspec command line does
 
-import vitspec
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import vitspec  # noqa: E402
 from vitspec.inputs import synthetic_batches
 
 # name, native input size, tokens, batch size, images

@@ -582,6 +582,10 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit code (0 ok, 1 a finding or data problem, 2 a usage error)."""
+    # Before torch is imported: large CPU buffers (attention maps, ~45 MB per layer and image at
+    # N = 1370) on transparent huge pages; fresh 4 KiB pages cost more page faults than
+    # arithmetic there. PyTorch's own allocator switch; a user's setting wins.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
