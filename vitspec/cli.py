@@ -439,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads",
         type=_positive,
-        default=1,
-        help="torch CPU threads (default 1: the checks are many small LAPACK calls)",
+        default=None,
+        help="CPU worker threads, one batch each (default: torch's setting, all cores)",
     )
     p.add_argument(
         "--out", metavar="DIR", help="output directory (default: runs/verify-<model>-<label>)"

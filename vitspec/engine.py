@@ -480,9 +480,16 @@ def _data_parallel(session: Session, consumers, workers: int, head_params: dict,
 
     def emit(site: str, layer: int, x: Tensor) -> None:
         guard(site, layer, x)
+        if local.deferred is not None:
+            return
         for consumer in local.team:
             if site in consumer.sites:
-                consumer.on(site, layer, x)
+                try:
+                    consumer.on(site, layer, x)
+                except VitspecError as err:
+                    # held until the block's output: the guard's error names the block
+                    local.deferred = err
+                    return
 
     def work(team, jobs) -> None:
         torch.set_num_threads(1)
@@ -492,9 +499,12 @@ def _data_parallel(session: Session, consumers, workers: int, head_params: dict,
                 if not errors:
                     try:
                         info, batch = job
+                        local.deferred = None
                         for consumer in team:
                             consumer.start_batch(info)
                         session.net(batch.to(dev, non_blocking=True))
+                        if local.deferred is not None:
+                            raise local.deferred
                     except BaseException as err:  # handed to the main thread
                         errors.append(err)
 
