@@ -67,6 +67,8 @@ def test_bracket_contains_the_svd_value(centre, scale):
     exact = torch.from_numpy(np.linalg.svd(m.numpy(), compute_uv=False)[:, 0])
     assert (lo <= exact * (1 + 1e-15)).all() and (exact <= hi * (1 + 1e-15)).all()
     assert (hi / lo - 1 <= 1e-9).all()
+    cheap_lo, cheap_hi = linalg.top_singular_bracket(a, centre=centre, certify=False).unbind(-1)
+    assert (cheap_lo <= exact * (1 + 1e-15)).all() and (exact <= cheap_hi * (1 + 1e-15)).all()
 
 
 def test_bracket_falls_back_to_svd_when_not_certified(monkeypatch):

@@ -35,7 +35,7 @@ from vitspec.functional.tokens import (
     rank_residual,
     token_spectrum,
 )
-from vitspec.functional.views import AttnView, TokenView, attn_view, token_view
+from vitspec.functional.views import AttnView, TokenView, attn_view, map_groups, token_view
 
 __all__ = [
     "AttnView",
@@ -55,6 +55,7 @@ __all__ = [
     "hc_energy",
     "hc_gain_exact",
     "is_row_stochastic",
+    "map_groups",
     "patch_cos",
     "patch_cos_abs",
     "rank_residual",

@@ -129,7 +129,12 @@ def top_singular_value(
 
 
 def top_singular_bracket(
-    mats: Tensor, *, centre: bool = False, width: float = 1e-9, max_steps: int = 240
+    mats: Tensor,
+    *,
+    centre: bool = False,
+    width: float = 1e-9,
+    max_steps: int = 240,
+    certify: bool = True,
 ) -> Tensor:
     """Certified float64 bounds ``lo <= sigma_max <= hi`` of each matrix (or of
     ``(I - J) M (I - J)`` with ``centre``), with ``hi / lo - 1 <= width``.
@@ -150,11 +155,16 @@ def top_singular_bracket(
     bracket is wider than ``width`` or whose Cholesky test fails gets ``lo = hi`` from the exact
     float64 SVD.
 
+    With ``certify=False`` no Cholesky and no SVD: ``hi`` is then the cheapest rigorous bound,
+    ``sqrt(min(max(lambda, tr) + r, ||C||_F^2))`` (tight when ``tr <= lambda``), and ``lo`` the
+    Rayleigh value, for callers that only need ``hi`` to decide an inequality with room to spare.
+
     Args:
         mats: ``[..., R, N]`` real matrices (computed in float64).
         centre: bound ``(I - J) M (I - J)`` instead of ``M``.
         width: largest relative width ``hi / lo - 1`` before the exact fallback.
         max_steps: Lanczos steps at most.
+        certify: make ``hi / lo - 1 <= width`` (Cholesky, exact SVD) where the trace test fails.
 
     Returns:
         ``[..., 2]`` float64: ``lo``, ``hi``.
@@ -175,7 +185,7 @@ def top_singular_bracket(
     steps = max(1, min(max_steps, min(rows, cols) - 2))
 
     def finish(m, basis, y):
-        return _bracket(m, basis, y, centre, width)
+        return _bracket(m, basis, y, centre, width, certify)
 
     out = [
         _lanczos(m[i : i + per], centre, width / 1000, steps, 8, 4, finish)
@@ -184,7 +194,9 @@ def top_singular_bracket(
     return torch.cat(out).reshape(*lead, 2)
 
 
-def _bracket(m: Tensor, basis: Tensor, y: Tensor, centre: bool, width: float) -> Tensor:
+def _bracket(
+    m: Tensor, basis: Tensor, y: Tensor, centre: bool, width: float, certify: bool
+) -> Tensor:
     """``[b, 2]``: certified ``(lo, hi)`` from the Ritz vectors (:func:`top_singular_bracket`)."""
     v = _proj(y[:, None, :] @ basis, centre)
     v = v / v.norm(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
@@ -198,6 +210,9 @@ def _bracket(m: Tensor, basis: Tensor, y: Tensor, centre: bool, width: float) ->
     lo = (lam - allow).clamp_min(0).sqrt()
     hi2 = lam + resid + allow
     certain = fro2 - lam <= lam
+    if not certify:  # lambda_max <= max(lambda, tr) + r and <= ||C||_F^2, both certain
+        hi2 = torch.minimum(torch.maximum(lam, fro2 - lam) + resid, fro2) + allow
+        return torch.stack([lo, hi2.sqrt()], dim=-1)
     if not bool(certain.all()):
         # Cholesky of t I - C^T C exists only if lambda_max <= t; t leaves room (width) for the
         # factorisation to succeed in float64, minus the round-off of the Gram and of Cholesky

@@ -31,7 +31,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vitspec.functional import double_centre, top_singular_bracket, top_singular_value_exact
+from vitspec.functional import (
+    double_centre,
+    map_groups,
+    top_singular_bracket,
+    top_singular_value_exact,
+)
 
 __all__ = [
     "ATTNSCALE_W",
@@ -43,6 +48,7 @@ __all__ = [
     "Outcome",
     "Trajectory",
     "attnscale",
+    "attnscale_weyl",
     "check_attnscale_gain",
     "check_dc_passthrough",
     "check_hc_contraction",
@@ -142,7 +148,7 @@ def hc_gain(a_hat: Tensor) -> Tensor:
     return top_singular_value_exact(double_centre(a_hat.to(torch.float64)))
 
 
-def hc_gain_bracket(a_hat: Tensor) -> Tensor:
+def hc_gain_bracket(a_hat: Tensor, certify: bool = True) -> Tensor:
     """``[..., 2]``: certified ``lo <= s_a <= hi`` (exact SVD, ``lo = hi``, below
     :data:`BRACKET_MIN_N`; see :func:`~vitspec.functional.linalg.top_singular_bracket`).
 
@@ -153,7 +159,7 @@ def hc_gain_bracket(a_hat: Tensor) -> Tensor:
     if a_hat.shape[-1] < BRACKET_MIN_N:
         s = hc_gain(a_hat)
         return torch.stack([s, s], dim=-1)
-    return top_singular_bracket(a_hat, centre=True)
+    return top_singular_bracket(a_hat, centre=True, certify=certify)
 
 
 def norm_bracket(a_hat: Tensor) -> Tensor:
@@ -190,8 +196,8 @@ def check_row_stochastic(attn: Tensor, tol: float = PREMISE_TOL) -> Outcome:
 def check_dc_passthrough(attn: Tensor, c: Tensor, tol: float = PREMISE_TOL) -> Outcome:
     """``A (c 1) = c 1`` and ``S[0, 0] = 1`` for ``S = F A F^H``, on the model's matrix.
 
-    ``S[0, 0]`` is computed with an FFT over the query axis (the first row of ``F A``) and the
-    inner product with the first column of ``F^H``. The error is
+    ``S[0, 0]`` is the DC row of ``F`` times ``A`` times the DC column of ``F^H``, both
+    ``1 / sqrt(N)``: ``1^T A 1 / N``. The error is
     ``max(max_i |(A c 1)_i - c| / |c|, |S[0, 0] - 1|)``, allowed ``tol``.
 
     Args:
@@ -208,8 +214,8 @@ def check_dc_passthrough(attn: Tensor, c: Tensor, tol: float = PREMISE_TOL) -> O
     n = a.shape[-1]
     out = a @ (c[..., None, None] * torch.ones(n, 1, dtype=a.dtype, device=a.device))
     e1 = (out[..., 0] - c[..., None]).abs().amax(dim=-1) / c.abs()
-    fa = torch.fft.fft(a, dim=-2, norm="ortho")  # F A
-    s00 = fa[..., 0, :].sum(dim=-1) / math.sqrt(n)  # (F A F^H)[0, 0]
+    # (F A F^H)[0, 0]: F's DC row and F^H's DC column are 1 / sqrt(N), so it is 1^T A 1 / N
+    s00 = a.sum(dim=(-2, -1)) / n
     e2 = (s00 - 1).abs()
     slack = torch.maximum(e1, e2) / tol
     return Outcome(slack, ~(slack <= 1))
@@ -508,24 +514,43 @@ def attnscale(a_hat: Tensor, w: float) -> Tensor:
     return 1.0 / n + (1 + w) * (a_hat - 1.0 / n)
 
 
+def attnscale_weyl(a_hat: Tensor, ws: tuple[float, ...] = ATTNSCALE_W) -> Tensor:
+    """``[len(ws), ...]``: Weyl's bound ``||C'_w - (1 + w) C||_F`` (plus the rounding of
+    ``(1 + w) C``) for each w, one map group at a time (``C`` formed once for all w).
+
+    Example:
+        >>> a = renormalise(torch.rand(1, 300, 300, dtype=torch.float64))
+        >>> bool((attnscale_weyl(a) < 1e-12).all())
+        True
+    """
+    out = []
+    for g in map_groups(a_hat.to(torch.float64)):
+        c = double_centre(g)
+        out.append(torch.stack([
+            _fro(double_centre(attnscale(g, w)) - (1 + w) * c) * (1 + 2 * _U)
+            + 2 * _U * abs(1 + w) * _fro(c)
+            for w in ws
+        ]))
+    return torch.cat(out, dim=1).reshape(len(ws), *a_hat.shape[:-2])
+
+
 def check_attnscale_gain(a_hat: Tensor, s_a: Tensor, norm: Tensor, w: float,
-                         rtol: float = RTOL) -> Outcome:
+                         rtol: float = RTOL, weyl: Tensor | None = None) -> Outcome:
     """``||(I-J) A' (I-J)||_2 = (1 + w) s_a`` (float64 SVD of ``A'``) and ``A' 1 = 1``.
 
     The error is ``max(|s' - (1 + w) s_a| / ((1 + |w|) ||Â||_2), max_i |(A' 1)_i - 1|)``, allowed
     ``rtol`` (round-off in forming A' is relative to its size, hence the normalisation). From
     :data:`BRACKET_MIN_N` tokens on, no SVD: Weyl's inequality bounds ``|s' - (1 + w) s_a|`` by
     ``||C' - (1 + w) C||_F`` (``C``, ``C'`` the double-centred Â, A' as computed, plus the
-    rounding of ``(1 + w) C``), so the slack is an upper bound of the error's; ``norm`` is then
-    the lower end of ``||Â||_2``, which only enlarges it.
+    rounding of ``(1 + w) C``; :func:`attnscale_weyl`, or ``weyl`` when given), so the slack is
+    an upper bound of the error's; ``norm`` is then the lower end of ``||Â||_2``, which only
+    enlarges it.
     """
     a2 = attnscale(a_hat, w)
     if a_hat.shape[-1] < BRACKET_MIN_N:
         diff = (hc_gain(a2) - (1 + w) * s_a).abs()
     else:
-        c = double_centre(a_hat.to(torch.float64))
-        scaled = (1 + w) * c
-        diff = _fro(double_centre(a2) - scaled) * (1 + 2 * _U) + 2 * _U * _fro(scaled)
+        diff = attnscale_weyl(a_hat, (w,))[0] if weyl is None else weyl
     e1 = diff / ((1 + abs(w)) * norm)
     e2 = (a2.sum(dim=-1) - 1).abs().amax(dim=-1)
     slack = torch.maximum(e1, e2) / rtol

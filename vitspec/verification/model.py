@@ -176,7 +176,8 @@ class ModelVerifier:
         a_hat = ck.renormalise(attn)
         # certified bracket (exact below ck.BRACKET_MIN_N): checks passing with the lower end
         # pass for the exact value too; the logit bound's inner inequality uses the upper end
-        s_a, s_hi = ck.hc_gain_bracket(a_hat).unbind(-1)  # [B, H] each
+        big = a_hat.shape[-1] >= ck.BRACKET_MIN_N
+        s_a, s_hi = ck.hc_gain_bracket(a_hat, certify=False).unbind(-1)  # [B, H] each
         fast = attn_hc_gain(attn)
         self.gain_diff = max(self.gain_diff, float(((fast - s_a).abs() / s_a.clamp_min(1e-300))
                                                    .max()))
@@ -199,9 +200,14 @@ class ModelVerifier:
         self._products(layer, a_hat, s_a, x, y)
 
         outcome, norm, bound, a = ck.check_logit_bound(a_hat, s_a, s_a_hi=s_hi)
+        if big and bool(outcome.violated.any()):  # the cheap upper end of s_a did not decide
+            s_a, s_hi = ck.hc_gain_bracket(a_hat).unbind(-1)
+            outcome, norm, bound, a = ck.check_logit_bound(a_hat, s_a, s_a_hi=s_hi)
         self._add_heads("logit_bound", layer, outcome)
-        for wv in ck.ATTNSCALE_W:
-            self._add_heads("attnscale_gain", layer, ck.check_attnscale_gain(a_hat, s_a, norm, wv))
+        weyl = ck.attnscale_weyl(a_hat) if big else [None] * len(ck.ATTNSCALE_W)
+        for wv, bound_w in zip(ck.ATTNSCALE_W, weyl):
+            self._add_heads("attnscale_gain", layer,
+                            ck.check_attnscale_gain(a_hat, s_a, norm, wv, weyl=bound_w))
         self._accumulate("gains", layer, torch.stack([s_a, norm, bound, a], dim=-1).sum(dim=0),
                          count=b, shape=(4,))
         self._accumulate_max("gains_max", layer, s_a.amax(dim=0))
