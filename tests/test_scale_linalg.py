@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import metric_reference as ref
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -101,3 +102,31 @@ def test_verify_checks_decide_the_same_with_brackets(monkeypatch):
         exact_out = ck.check_attnscale_gain(a_hat, exact, norm_exact, w)
         assert torch.equal(out.violated, exact_out.violated)
         assert (out.slack < 1e-3).all()  # Weyl's bound is round-off small
+
+
+def test_verify_model_with_brackets_equals_the_exact_path(monkeypatch):
+    """A model with N = 257 tokens: verify's verdicts and s_a with brackets = the exact path."""
+    import timm
+
+    from vitspec.verification import verify
+
+    def run():
+        torch.manual_seed(0)
+        model = timm.create_model(
+            "vit_tiny_patch16_224",
+            img_size=128,
+            patch_size=8,
+            depth=2,
+            embed_dim=48,
+            num_heads=2,
+        ).eval()
+        images = [torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))]
+        return verify(model, images=images, device="cpu", warn=lambda m: None, max_steps=32)
+
+    fast = run()
+    monkeypatch.setattr(ck, "BRACKET_MIN_N", 10**9)
+    exact = run()
+    assert fast.info["tokens"] == 257
+    cols = ["check", "layer", "head", "status", "cases", "violations"]
+    pd.testing.assert_frame_equal(fast.table[cols], exact.table[cols])
+    np.testing.assert_allclose(fast.figure_data["gains"]["s_a"], exact.figure_data["gains"]["s_a"], rtol=1e-9)

@@ -515,8 +515,9 @@ def attnscale(a_hat: Tensor, w: float) -> Tensor:
 
 
 def attnscale_weyl(a_hat: Tensor, ws: tuple[float, ...] = ATTNSCALE_W) -> Tensor:
-    """``[len(ws), ...]``: Weyl's bound ``||C'_w - (1 + w) C||_F`` (plus the rounding of
-    ``(1 + w) C``) for each w, one map group at a time (``C`` formed once for all w).
+    """``[2, len(ws), ...]``: for each w, Weyl's bound ``||C'_w - (1 + w) C||_F`` (plus the
+    rounding of ``(1 + w) C``) and ``max_i |(A'_w 1)_i - 1|``, one map at a time (``C`` formed
+    once for all w).
 
     Example:
         >>> a = renormalise(torch.rand(1, 300, 300, dtype=torch.float64))
@@ -526,12 +527,14 @@ def attnscale_weyl(a_hat: Tensor, ws: tuple[float, ...] = ATTNSCALE_W) -> Tensor
     out = []
     for g in map_groups(a_hat.to(torch.float64)):
         c = double_centre(g)
-        out.append(torch.stack([
-            _fro(double_centre(attnscale(g, w)) - (1 + w) * c) * (1 + 2 * _U)
-            + 2 * _U * abs(1 + w) * _fro(c)
-            for w in ws
-        ]))
-    return torch.cat(out, dim=1).reshape(len(ws), *a_hat.shape[:-2])
+        weyl, rows = [], []
+        for w in ws:
+            a2 = attnscale(g, w)
+            rows.append((a2.sum(dim=-1) - 1).abs().amax(dim=-1))
+            weyl.append(_fro(double_centre(a2) - (1 + w) * c) * (1 + 2 * _U)
+                        + 2 * _U * abs(1 + w) * _fro(c))
+        out.append(torch.stack([torch.stack(weyl), torch.stack(rows)]))
+    return torch.cat(out, dim=2).reshape(2, len(ws), *a_hat.shape[:-2])
 
 
 def check_attnscale_gain(a_hat: Tensor, s_a: Tensor, norm: Tensor, w: float,
@@ -542,16 +545,16 @@ def check_attnscale_gain(a_hat: Tensor, s_a: Tensor, norm: Tensor, w: float,
     ``rtol`` (round-off in forming A' is relative to its size, hence the normalisation). From
     :data:`BRACKET_MIN_N` tokens on, no SVD: Weyl's inequality bounds ``|s' - (1 + w) s_a|`` by
     ``||C' - (1 + w) C||_F`` (``C``, ``C'`` the double-centred Â, A' as computed, plus the
-    rounding of ``(1 + w) C``; :func:`attnscale_weyl`, or ``weyl`` when given), so the slack is
-    an upper bound of the error's; ``norm`` is then the lower end of ``||Â||_2``, which only
-    enlarges it.
+    rounding of ``(1 + w) C``; :func:`attnscale_weyl`, or ``weyl`` (its ``[2, ...]`` entry for
+    this w) when given), so the slack is an upper bound of the error's; ``norm`` is then the
+    lower end of ``||Â||_2``, which only enlarges it.
     """
-    a2 = attnscale(a_hat, w)
     if a_hat.shape[-1] < BRACKET_MIN_N:
+        a2 = attnscale(a_hat, w)
         diff = (hc_gain(a2) - (1 + w) * s_a).abs()
+        e2 = (a2.sum(dim=-1) - 1).abs().amax(dim=-1)
     else:
-        diff = attnscale_weyl(a_hat, (w,))[0] if weyl is None else weyl
+        diff, e2 = attnscale_weyl(a_hat, (w,))[:, 0] if weyl is None else weyl
     e1 = diff / ((1 + abs(w)) * norm)
-    e2 = (a2.sum(dim=-1) - 1).abs().amax(dim=-1)
     slack = torch.maximum(e1, e2) / rtol
     return Outcome(slack, ~(slack <= 1))

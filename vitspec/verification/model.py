@@ -204,7 +204,7 @@ class ModelVerifier:
             s_a, s_hi = ck.hc_gain_bracket(a_hat).unbind(-1)
             outcome, norm, bound, a = ck.check_logit_bound(a_hat, s_a, s_a_hi=s_hi)
         self._add_heads("logit_bound", layer, outcome)
-        weyl = ck.attnscale_weyl(a_hat) if big else [None] * len(ck.ATTNSCALE_W)
+        weyl = ck.attnscale_weyl(a_hat).unbind(1) if big else [None] * len(ck.ATTNSCALE_W)
         for wv, bound_w in zip(ck.ATTNSCALE_W, weyl):
             self._add_heads("attnscale_gain", layer,
                             ck.check_attnscale_gain(a_hat, s_a, norm, wv, weyl=bound_w))
