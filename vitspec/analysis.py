@@ -115,8 +115,9 @@ def analyze(
             rows: the attention metrics on the pre-scale attention.
         trust_checkpoint: allow a checkpoint that needs full unpickling (it can run code from
             the file); refused otherwise, naming the type it holds.
-        pipeline: on CPU, compute the metrics on two worker threads (token sites, attention)
-            that overlap the forward pass (same results; ``False`` runs them in the hooks).
+        pipeline: on CPU, run whole batches on one worker thread per torch thread, each
+            with its own collectors merged at the end (:func:`vitspec.engine.run`; the same
+            results to ~1e-16); ``False`` runs the metrics in the hooks of one forward loop.
         out: also write the run folder there (as :meth:`Result.save`), claimed before the
             work: an unwritable or occupied location fails at once, not after the analysis.
         overwrite: replace a previous vitspec output at ``out`` (never anything else).
@@ -166,6 +167,7 @@ def analyze(
         )
         if part is not None:
             session.batches = ShardBatches(session.batches, part)
+            session.total = _shard_total(session.total, batch_size, part)
         result = _measure(
             session,
             specs,
@@ -181,6 +183,14 @@ def analyze(
         if tmp is not None:
             result.write(tmp, figures=figures)
     return result
+
+
+def _shard_total(total: int | None, batch_size: int, part) -> int | None:
+    """Images in ``part``'s batches when no file is skipped (for the progress display)."""
+    if total is None:
+        return None
+    sizes = [min(batch_size, total - b * batch_size) for b in range(-(-total // batch_size))]
+    return sum(size for b, size in enumerate(sizes) if part.owns(b))
 
 
 def _measure(
