@@ -21,6 +21,8 @@ PACKAGE = Path(__file__).parents[1] / "vitspec"
 STAGES = {
     "vitspec.errors": 0,
     "vitspec.sites": 0,
+    "vitspec.outputs": 0,
+    "vitspec.progress": 0,
     "vitspec.functional": 1,
     "vitspec.metrics": 2,
     "vitspec.adapters": 3,
