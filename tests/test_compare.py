@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
             metrics=metrics,
             warn=lambda m: None,
         )
-        dirs[name] = result.save(root / name, figures=False)
+        dirs[name] = result.save(root / name)
     return dirs
 
 

@@ -43,7 +43,8 @@ def _analyze(args: argparse.Namespace) -> int:
         progress=not args.quiet and sys.stderr.isatty(),
         featscale_form=args.featscale_form,
     )
-    result.save(out, overwrite=args.overwrite, figures=not args.no_figures)
+    result.save(out, overwrite=args.overwrite)
+    _draw(out, args)
     info = result.info
     for note in info.get("weights", {}).get("notes", []):
         _say(args, note)
@@ -68,13 +69,33 @@ def _compare(args: argparse.Namespace) -> int:
         labels=args.labels,
         overwrite=args.overwrite,
     )
+    _draw(Path(args.out), args)
     for name, have in result.info["not_in_every_run"].items():
         _say(args, f"left out {name}: only in {', '.join(have)}")
     _say(
         args,
         f"{len(result.labels)} runs, {len(result.metrics)} metrics, x = {result.info['x']}"
-        f" -> {args.out}/ (compare.png, compare.pdf, differences.csv, compare.json)",
+        f" -> {args.out}/ (compare.png, compare.pdf, table.csv, differences.csv, compare.json)",
     )
+    return 0
+
+
+def _draw(out: Path, args: argparse.Namespace) -> None:
+    """Figures from the saved folder (the data are on disk first; figures can be redrawn)."""
+    if getattr(args, "no_figures", False):
+        return
+    from vitspec.reporting import draw
+
+    draw(out)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from vitspec.reporting import report
+
+    page = report(args.folders, args.out, size=args.size, band=args.band,
+                  overwrite=args.overwrite)
+    figures = len(list(page.parent.rglob("*.png")))
+    _say(args, f"{len(args.folders)} folders -> {page} ({figures} figures, PNG + PDF)")
     return 0
 
 
@@ -107,7 +128,8 @@ def _verify(args: argparse.Namespace) -> int:
         label=args.label, max_steps=args.max_steps, sizes=sizes, threads=args.threads,
         progress=not args.quiet and sys.stderr.isatty(),
     )
-    result.save(out, overwrite=args.overwrite, figures=not args.no_figures)
+    result.save(out, overwrite=args.overwrite)
+    _draw(out, args)
     if args.random_init:
         _say(args, f"verified {args.model} with RANDOM weights (seed {args.seed}): the numbers "
                    "describe an untrained network")
@@ -262,6 +284,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-figures", action="store_true", help="write the tables only")
     _add_common(p)
     p.set_defaults(func=_verify)
+
+    p = sub.add_parser(
+        "report",
+        help="figures and one self-contained HTML page from saved folders",
+        description="Draw the figures (PNG 200 dpi + PDF) of analyze runs, verify runs and "
+        "compare folders and write report.html (figures embedded, provenance, summary tables). "
+        "With one folder and no --out, the figures are drawn into that folder.",
+    )
+    p.add_argument("folders", nargs="+", metavar="DIR",
+                   help="analyze run, verify run or compare folders")
+    p.add_argument("--out", metavar="DIR", help="output folder (required with several folders)")
+    p.add_argument("--size", choices=("column", "page"), default="page",
+                   help="figure width: column (3.5 in) or page (7.16 in) (default page)")
+    p.add_argument("--band", choices=("sd", "se"), default="sd",
+                   help="band around the mean: sd over images or se of the mean (default sd)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    _add_common(p)
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("metrics", help="list the metrics with their formulas and sources")
     p.add_argument("pattern", nargs="?", default="*", help="name pattern, e.g. 'attn_*'")

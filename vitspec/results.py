@@ -88,21 +88,18 @@ class Result:
             df = df[df["head"] == head]
         return df.reset_index(drop=True)
 
-    def save(self, out: str | Path, *, overwrite: bool = False, figures: bool = True) -> Path:
-        """Write metrics.csv, spectra.csv, run.json (and figures) into ``out``, all or nothing.
+    def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
+        """Write metrics.csv, spectra.csv and run.json into ``out``, all or nothing.
 
         Everything is written to a temporary sibling directory that is renamed into place at the
-        end, so an interrupted or failed save leaves no half-written run directory.
+        end, so an interrupted or failed save leaves no half-written run directory. The folder
+        holds data only; ``vitspec.report(out)`` draws its figures from it.
         """
         out = Path(out)
         with atomic_dir(out, overwrite) as tmp:
             self.metrics.to_csv(tmp / "metrics.csv", index=False, float_format="%.10g")
             self.spectra.to_csv(tmp / "spectra.csv", index=False, float_format="%.10g")
             (tmp / "run.json").write_text(json.dumps(self.info, indent=2, default=str) + "\n")
-            if figures:
-                from vitspec.plots import save_run_figures
-
-                save_run_figures(self, tmp)
         return out
 
     @classmethod

@@ -1,14 +1,11 @@
 """Figures of ``vitspec verify``: each check's measured values against its bound, verdict on top.
 
 Axes-level functions draw one small table of ``VerifyResult.figure_data`` (they filter and
-draw, never compute a check); ``verify_figures`` lays them out, ``save_verify_figures`` writes
-PNG + PDF. No pyplot, no torch.
+draw, never compute a check); ``verify_figures`` lays them out with
+captions. No pyplot, no torch.
 """
 
 from __future__ import annotations
-
-import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,7 +13,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from vitspec.plots.figures import save_figure
+from vitspec.plots.figures import Drawn, title
+from vitspec.plots.style import panels
 
 FAMILY_MARKERS = {"uniform": "o", "peaked": "s", "shared": "^", "two-cluster": "D"}
 
@@ -85,7 +83,7 @@ def plot_product_lowpass(products: pd.DataFrame, *, ax: Axes | None = None) -> A
     ax.set_xlabel("layers in the product")
     ax.set_ylabel("||HC|| / ||DC|| of A_l...A_1 z")
     ax.set_title("products of attention (Corollary)")
-    ax.legend(fontsize=7)
+    ax.legend()
     ax.grid(alpha=0.3, which="both")
     return ax
 
@@ -106,7 +104,7 @@ def plot_decay_rate(gains: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     ax.set_xlabel("s_a (mean over images)")
     ax.set_ylabel("fitted decay rate per step")
     ax.set_title("measured decay vs s_a")
-    ax.legend(fontsize=7)
+    ax.legend()
     ax.grid(alpha=0.3)
     return ax
 
@@ -133,7 +131,7 @@ def plot_gain_bounds(gains: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     ax.set_xlabel("layer")
     ax.set_ylabel("gain")
     ax.set_xticks(sorted(gains["layer"].unique()))
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(loc="best")
     ax.grid(alpha=0.3, which="both")
     return ax
 
@@ -151,7 +149,7 @@ def plot_msa_gain(blocks: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     ax.set_xlabel("layer")
     ax.set_ylabel("||HC[MSA(Y)]|| / ||HC[Y]||")
     ax.set_title("attention branch")
-    ax.legend(fontsize=7)
+    ax.legend()
     ax.grid(alpha=0.3, which="both")
     return ax
 
@@ -170,7 +168,7 @@ def plot_residual_rate(blocks: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     ax.set_xlabel("layer")
     ax.set_ylabel("||HC[X + MSA(Y)]|| / ||HC[X]||")
     ax.set_title("residual form")
-    ax.legend(fontsize=7)
+    ax.legend()
     ax.grid(alpha=0.3)
     return ax
 
@@ -206,7 +204,7 @@ def plot_synthetic_gain(points: pd.DataFrame, *, value: str = "s_a",
                for i, n in enumerate(sizes)]
     handles += [Line2D([], [], color="black", marker=m, ls="", label=f)
                 for f, m in FAMILY_MARKERS.items() if f in set(points["family"])]
-    ax.legend(handles=handles, fontsize=7, loc="upper left")
+    ax.legend(handles=handles, loc="upper left")
     ax.grid(alpha=0.3, which="both")
     return ax
 
@@ -219,68 +217,69 @@ def _title(info: dict, what: str) -> str:
     return f"{info.get('model', '')} [{weights}], {used} images - {what}"
 
 
-def verify_figures(result) -> dict[str, Figure]:
-    """Figures by file stem: ``verify_lowpass`` (a), ``verify_gain`` (b), ``verify_msa`` (c),
-    ``verify_synthetic`` (d); each present when its data is."""
+def verify_figures(result, *, size: str = "page") -> dict[str, Drawn]:
+    """Figures by file stem, each with its caption: ``verify_lowpass`` (a), ``verify_gain`` (b),
+    ``verify_msa`` (c), ``verify_synthetic`` (d); each present when its data is.
+
+    Example:
+        >>> figures = verify_figures(VerifyResult.load("runs/verify"))  # doctest: +SKIP
+    """
     data, info = result.figure_data, result.info
-    figures: dict[str, Figure] = {}
+    figures: dict[str, Drawn] = {}
     curves, products, gains = (data.get(k) for k in ("curves", "products", "gains"))
     if curves is not None and len(curves):
         layers = sorted(curves["layer"].unique())
         n = len(layers) + 2
-        ncols = min(3, n)
-        nrows = math.ceil(n / ncols)
-        fig = Figure(figsize=(4.6 * ncols, 3.5 * nrows + 1.0), layout="constrained")
-        axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+        fig, axes = panels(size, n, ncols=min(n, 2 if size == "column" else 3), aspect=0.8,
+                           extra=0.9)
         for ax, layer in zip(axes, layers):
             plot_lowpass_curves(curves, layer, ax=ax)
         axes[0].legend(handles=[Line2D([], [], color="black", marker="o", ms=2.5,
                                        label="measured r_t (colour = head)"),
                                 Line2D([], [], color="black", ls="--",
-                                       label="bound s_a^t ||HC z|| / ||DC A^t z||")],
-                       fontsize=7)
+                                       label="bound s_a^t ||HC z|| / ||DC A^t z||")])
         if products is not None and len(products):
             plot_product_lowpass(products, ax=axes[len(layers)])
         if gains is not None and len(gains):
             plot_decay_rate(gains, ax=axes[len(layers) + 1])
-        for ax in axes[n:]:
-            ax.set_visible(False)
-        fig.suptitle(_title(info, "low-pass limit (Theorem 1): r_t, geometric mean over images "
-                            "and start vectors, up to the first early stop\n")
-                     + verdict(info, "lowpass_limit") + "\n" + verdict(info, "product_lowpass"),
-                     fontsize=9)
-        figures["verify_lowpass"] = fig
+        title(fig, _title(info, "low-pass limit (Theorem 1)") + ". "
+              + verdict(info, "lowpass_limit") + ". " + verdict(info, "product_lowpass"), size)
+        figures["verify_lowpass"] = Drawn(fig, (
+            "Low-pass limit (Wang et al. 2022, Theorem 1): r_t = ||HC[A^t z]|| / ||DC[A^t z]|| "
+            "(solid, geometric mean over images and start vectors z, up to the first early "
+            "stop) and its bound s_a^t ||HC z|| / ||DC A^t z|| (dashed) against the power t, "
+            "one panel per layer, colour = head, log y; then the products A_l...A_1 z along "
+            "same-head and random-head paths with the prod s_a bound, and the fitted per-step "
+            "decay rate against s_a (one point per layer and head, dashed: rate = s_a)."))
     if gains is not None and len(gains):
-        fig = Figure(figsize=(7.5, 4.4), layout="constrained")
-        plot_gain_bounds(gains, ax=fig.add_subplot())
-        fig.suptitle(_title(info, "s_a <= ||A||_2 <= logit bound, means over images\n")
-                     + verdict(info, "logit_bound") + "\n" + verdict(info, "hc_contraction"),
-                     fontsize=9)
-        figures["verify_gain"] = fig
+        fig, axes = panels(size, 1, aspect=0.6, extra=0.6)
+        plot_gain_bounds(gains, ax=axes[0])
+        title(fig, _title(info, "s_a <= ||A||_2 <= logit bound") + ". "
+              + verdict(info, "logit_bound") + ". " + verdict(info, "hc_contraction"), size)
+        figures["verify_gain"] = Drawn(fig, (
+            "HC gain bounds: s_a = sigma_max((I - J) A (I - J)) per layer and head (dots), "
+            "||A||_2 (crosses) and the logit bound sqrt(N e^{2a} / (e^{2a} + N - 1)) (line, mean "
+            "over heads), each the mean over images; log y."))
     blocks = data.get("blocks")
     if blocks is not None and len(blocks):
-        fig = Figure(figsize=(10, 4.2), layout="constrained")
-        ax1, ax2 = fig.subplots(1, 2)
-        plot_msa_gain(blocks, ax=ax1)
-        plot_residual_rate(blocks, ax=ax2)
-        fig.suptitle(_title(info, "HC gain of the attention branch per block\n")
-                     + verdict(info, "msa_bound") + "\n" + verdict(info, "msa_residual"),
-                     fontsize=9)
-        figures["verify_msa"] = fig
+        fig, axes = panels(size, 2, ncols=1 if size == "column" else 2, aspect=0.75, extra=0.6)
+        plot_msa_gain(blocks, ax=axes[0])
+        plot_residual_rate(blocks, ax=axes[1])
+        title(fig, _title(info, "HC gain of the attention branch per block") + ". "
+              + verdict(info, "msa_bound") + ". " + verdict(info, "msa_residual"), size)
+        figures["verify_msa"] = Drawn(fig, (
+            "Attention branch: measured ||HC[MSA(Y)]|| / ||HC[Y]|| (mean and max over images) "
+            "against the bound sum_h s_a^h ||W_V^h W_O^h||_2 per layer (log y); residual form: "
+            "measured ||HC[X + MSA(Y)]|| / ||HC[X]|| against (||HC X|| + B ||HC Y||) / ||HC X|| "
+            "and the naive 1 + B."))
     points = data.get("synthetic")
     if points is not None and len(points):
-        fig = Figure(figsize=(11, 4.6), layout="constrained")
-        ax1, ax2 = fig.subplots(1, 2)
-        plot_synthetic_gain(points, value="s_a", ax=ax1)
-        plot_synthetic_gain(points, value="norm", ax=ax2)
-        fig.suptitle(_title(info, "HC gain against the logit bound\n")
-                     + verdict(info, "logit_bound") + "\n" + verdict(info, "hc_contraction"),
-                     fontsize=9)
-        figures["verify_synthetic"] = fig
+        fig, axes = panels(size, 2, ncols=1 if size == "column" else 2, aspect=0.75, extra=0.6)
+        plot_synthetic_gain(points, value="s_a", ax=axes[0])
+        plot_synthetic_gain(points, value="norm", ax=axes[1])
+        title(fig, _title(info, "HC gain against the logit bound") + ". "
+              + verdict(info, "logit_bound") + ". " + verdict(info, "hc_contraction"), size)
+        figures["verify_synthetic"] = Drawn(fig, (
+            "Synthetic softmax matrices: s_a and ||A||_2 against the logit half-width a, colour "
+            "= N, marker = logit family, dashed: the logit bound for each N."))
     return figures
-
-
-def save_verify_figures(result, out_dir: Path) -> list[Path]:
-    """Write every figure of :func:`verify_figures` into ``out_dir`` (PNG + PDF)."""
-    return [p for stem, fig in verify_figures(result).items()
-            for p in save_figure(fig, out_dir, stem)]

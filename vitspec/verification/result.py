@@ -192,9 +192,9 @@ class VerifyResult:
             lines.append(line)
         return lines
 
-    def save(self, out: str | Path, *, overwrite: bool = False, figures: bool = True) -> Path:
-        """Write verify.csv, verify.json (and the figures, PNG + PDF) into ``out``, all or
-        nothing."""
+    def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
+        """Write verify.csv and verify.json (with the figures' tables) into ``out``, all or
+        nothing; ``vitspec.report(out)`` draws the figures from them."""
         out = Path(out)
         with atomic_dir(out, overwrite) as tmp:
             self.table.to_csv(tmp / "verify.csv", index=False, float_format="%.10g")
@@ -202,10 +202,6 @@ class VerifyResult:
                                                  for k, v in self.figure_data.items()}}
             text = json.dumps(_jsonable(info), indent=2, default=str, allow_nan=False)
             (tmp / "verify.json").write_text(text + "\n")
-            if figures:
-                from vitspec.plots.verify import save_verify_figures
-
-                save_verify_figures(self, tmp)
         return out
 
     @classmethod
