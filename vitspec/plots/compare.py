@@ -39,6 +39,7 @@ def plot_compare(
     for i, label in enumerate(order):
         rows = df[df["run"] == label].sort_values("layer")
         plot_band(ax, rows, x, band=band, label=str(label), ms=2.5, **run_series(i))
+    ax.set_title(metric)
     ax.set_xlabel(X_LABELS.get(x, x))
     ax.set_ylabel(ylabel(metric))
     ax.ticklabel_format(axis="y", useOffset=False)

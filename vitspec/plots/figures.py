@@ -176,15 +176,16 @@ def run_figures(result, *, size: str = "page", band: str = "sd", label: str | No
             f"DeepViT (Zhou et al. 2021): {define('attn_cross_layer_sim')}, for layers l >= 2; "
             f"thin lines: each head (mean over {n} images); thick: per-image mean over heads, "
             f"{bands}."))
-    if (metrics["metric"] == "attn_entropy").any():
+    entropy = [e for e in ("attn_entropy", "pre_attn_entropy") if (metrics["metric"] == e).any()]
+    if entropy:  # AttnScale's A' can be negative (no entropy): then the pre-scale A's
         fig, axes = panels(size, 1, aspect=0.7, extra=0.3)
-        log_n = plot_head_map(axes[0], result, "attn_entropy")
-        title(fig, f"{head}: attention entropy per layer and head", size)
+        log_n = plot_head_map(axes[0], result, entropy[0])
+        title(fig, f"{head}: {entropy[0]} per layer and head", size)
         mark = (f"the red line on the colour bar is log N = {log_n:.3f} nats, the entropy of "
                 "uniform attention over N tokens" if log_n is not None else
                 "log N is not marked: the token count changes with the layer")
         out["attn_entropy_map"] = Drawn(fig, (
-            f"{define('attn_entropy')}, per layer and head, mean over {n} images; {mark}."))
+            f"{define(entropy[0])}, per layer and head, mean over {n} images; {mark}."))
     attn = _names(metrics, attn=True)
     if attn:
         fig, axes = panels(size, len(attn), aspect=0.72, extra=0.8)

@@ -79,15 +79,14 @@ SITES = {
 
 
 def ylabel(metric: str) -> str:
-    """Axis label with unit; ``pre_`` metrics (AttnScale's pre-scale attention) say so.
+    """Short axis label with unit (``pre_`` metrics share it: their panel title says pre_).
 
     Example:
         >>> ylabel("pre_attn_cos")
-        'mean |cos| (pre-scale A)'
+        'mean |cos|'
     """
     base = metric.removeprefix("pre_")
-    label = METRICS.get(base, (base, base))[0]
-    return f"{label} (pre-scale A)" if metric != base else label
+    return METRICS.get(base, (base, base))[0]
 
 
 def define(metric: str) -> str:

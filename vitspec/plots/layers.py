@@ -15,7 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 
 from vitspec.plots.labels import ylabel
-from vitspec.plots.style import PALETTE, run_series, series
+from vitspec.plots.style import PALETTE, run_series, series, tidy_log
 
 X_LABELS = {"layer": "layer (block index)", "depth": "normalised depth (layer / L)"}
 BANDS = ("sd", "se")
@@ -178,7 +178,7 @@ def _finish(ax: Axes, info: dict, metric: str, x: str, *, log: bool = False) -> 
     ax.set_xlabel(X_LABELS.get(x, x))
     ax.set_ylabel(ylabel(metric))
     if log:
-        ax.set_yscale("log")
+        tidy_log(ax)
     else:
         ax.ticklabel_format(axis="y", useOffset=False)  # no "1e-5+2.83" on flat metrics
     if x == "layer":

@@ -17,7 +17,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm, Normalize
 
 from vitspec.plots.layers import depth_of, head_rows, mark_stages, plot_band, plot_heads
-from vitspec.plots.style import DEPTH_CMAP, HEAT_CMAP, PALETTE, series
+from vitspec.plots.style import DEPTH_CMAP, HEAT_CMAP, PALETTE, series, tidy_log
 
 PI_TICKS = ([0, math.pi / 4, math.pi / 2, 3 * math.pi / 4, math.pi],
             ["0", "π/4", "π/2", "3π/4", "π"])
@@ -78,7 +78,7 @@ def plot_curves_by_depth(
             values, k = np.fft.fftshift(values), k - len(values) // 2
         ax.plot(k, values, color=cmap(norm(layer)), lw=0.9)
     if log:
-        ax.set_yscale("log")
+        tidy_log(ax)
     ax.set_xlabel("token frequency k (DC = 0 in the middle)" if centre else "token frequency k")
     return len(layers)
 
@@ -100,10 +100,11 @@ def plot_spectrum_map(ax: Axes, result, curve: str = "attn_spectrum", *, head: i
     norm = LogNorm(vmin=max(positive.min(), positive.max() * 1e-6), vmax=positive.max())
     image = ax.imshow(np.where(values > 0, values, np.nan), aspect="auto", origin="lower",
                       cmap=HEAT_CMAP, norm=norm, interpolation="nearest",
-                      extent=(-n // 2 - 0.5, n - n // 2 - 0.5, layers[0] - 0.5, layers[-1] + 0.5))
+                      extent=(-(n // 2) - 0.5, n - n // 2 - 0.5, layers[0] - 0.5, layers[-1] + 0.5))
     ax.figure.colorbar(image, ax=ax, pad=0.02, fraction=0.06, label="||row k of F A F^H||")
     ax.set_xlabel("token frequency k (DC = 0 in the middle)")
     ax.set_ylabel("layer")
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.grid(False)
     mark_stages(ax, result.info, horizontal=True)
     return True
@@ -171,18 +172,21 @@ def plot_head_map(ax: Axes, result, metric: str = "attn_entropy") -> float | Non
     table = df.pivot_table(index="layer", columns="head", values="mean")
     values = table.to_numpy(float)
     log_n = _log_n(result.info) if metric.endswith("attn_entropy") else None
-    vmax = np.nanmax(values) if log_n is None else max(np.nanmax(values), log_n)
+    vmin, vmax = np.nanmin(values), np.nanmax(values)
+    if log_n is not None:  # log N inside the colour bar, a little below its top
+        vmax = max(vmax, log_n)
+        vmax += 0.05 * (vmax - vmin) + 1e-12
     layers, heads = table.index.to_numpy(), table.columns.to_numpy()
-    image = ax.imshow(values, aspect="auto", origin="lower", cmap=HEAT_CMAP, vmin=np.nanmin(values),
-                      vmax=vmax, interpolation="nearest",
+    image = ax.imshow(values, aspect="auto", origin="lower", cmap=HEAT_CMAP, vmin=vmin, vmax=vmax,
+                      interpolation="nearest",
                       extent=(heads[0] - 0.5, heads[-1] + 0.5, layers[0] - 0.5, layers[-1] + 0.5))
     cbar = ax.figure.colorbar(image, ax=ax, pad=0.02, fraction=0.06)
-    cbar.set_label("attention entropy (nats)" if log_n is not None else metric)
+    cbar.formatter.set_useOffset(False)
+    cbar.set_label("entropy (nats); red line: log N" if log_n is not None else metric)
     if log_n is not None:
-        cbar.ax.axhline(log_n, color=PALETTE[1], lw=1.5)
-        cbar.ax.text(0.5, log_n, "log N", color="white", ha="center", va="top", fontsize="small",
-                     transform=cbar.ax.get_yaxis_transform())
+        cbar.ax.axhline(log_n, color=PALETTE[1], lw=2.0)
     ax.set_xticks(heads)
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.grid(False)

@@ -24,6 +24,7 @@ from pathlib import Path
 import matplotlib as mpl
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 from PIL import Image
 
 from vitspec.errors import VitspecError
@@ -116,6 +117,20 @@ def run_series(i: int) -> dict:
     return {**series(i), "ls": LINESTYLES[i % len(LINESTYLES)]}
 
 
+def tidy_log(ax: Axes) -> None:
+    """Log y axis: with fewer than two decades marked, label a few minor ticks plainly too."""
+    ax.set_yscale("log")
+    low, high = ax.dataLim.y0, ax.dataLim.y1
+    decades = math.floor(math.log10(high)) - math.ceil(math.log10(low)) + 1 if low > 0 else 2
+    if decades < 2:
+        subs = tuple(range(1, 10)) if high / low < 3 else (2, 5)
+        ax.yaxis.set_minor_locator(LogLocator(subs=subs))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+    else:
+        ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def panels(
     size: str, n: int, *, ncols: int | None = None, aspect: float = 0.75, extra: float = 0.0
 ) -> tuple[Figure, list[Axes]]:
@@ -135,6 +150,8 @@ def panels(
     ncols = ncols or min(n, 2 if size == "column" else 4)
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
+    if size == "page" and ncols == 1:  # one full-width panel: flatter, not a poster
+        aspect *= 0.6
     height = nrows * (width / ncols) * aspect + extra
     fig = Figure(figsize=(width, height), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
