@@ -252,6 +252,16 @@ def analyze(
         warn=warn,
     )
     net, adapter, batches = src.net, src.adapter, src.batches
+    unavailable = {
+        s.name: f"defined for {s.num_prefix} prefix tokens (class, distillation); this model "
+        f"has {adapter.num_prefix}"
+        for s in specs
+        if s.num_prefix not in (None, adapter.num_prefix)
+    }
+    specs = [s for s in specs if s.name not in unavailable]
+    if metrics is not None:  # asked for by name: say why it is not measured
+        for name, why in unavailable.items():
+            warn(f"{name} not measured: {why}")
 
     # Two lanes, each with its own collector: token sites and attention maps share no state, so
     # on CPU each lane runs on its own worker thread beside the forward pass (vitspec.pipeline),
@@ -311,6 +321,7 @@ def analyze(
         "grid": list(tokens.grid),
         "sites": list(sites),
         "metrics": [s.name for s in specs],
+        "unavailable": unavailable,
         "attention_refused": {str(k): v for k, v in attn.refused.items()},
         "pre_attention_refused": {str(k): v for k, v in attn.refused_pre.items()},
         "attention_metrics_refused": {

@@ -41,6 +41,8 @@ class MetricSpec:
             (``attn_entropy``). AttnScale's ``A' = J + (1 + w)(A - J)`` keeps rows summing to 1
             but has negative entries where ``w > 0`` and ``A_ij < w / ((1 + w) N)``; the other
             attention metrics are defined for any real matrix.
+        num_prefix: the metric is defined only for models with exactly this many prefix tokens
+            (``cls_dist_cos``: 2, class and distillation); None for every model.
     """
 
     name: str
@@ -50,6 +52,7 @@ class MetricSpec:
     source: str
     needs_prev: bool = False
     needs_nonnegative: bool = False
+    num_prefix: int | None = None
 
 
 _REGISTRY: dict[str, MetricSpec] = {}
@@ -63,6 +66,7 @@ def register_metric(
     *,
     needs_prev: bool = False,
     needs_nonnegative: bool = False,
+    num_prefix: int | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn`` under ``name``; returns ``fn`` unchanged.
 
@@ -81,7 +85,9 @@ def register_metric(
         old = _REGISTRY.get(name)
         if old is not None and old.fn is not fn:
             raise VitspecError(f"metric {name!r} is already registered (by {old.fn.__module__})")
-        _REGISTRY[name] = MetricSpec(name, kind, fn, formula, source, needs_prev, needs_nonnegative)
+        _REGISTRY[name] = MetricSpec(
+            name, kind, fn, formula, source, needs_prev, needs_nonnegative, num_prefix
+        )
         return fn
 
     return decorator
@@ -245,3 +251,12 @@ for _name, _kind, _formula, _source, _fn in _BUILTIN:
         needs_nonnegative=_name == "attn_entropy",
     )(_fn)
 del _name, _kind, _formula, _source, _fn
+
+# Added metrics (shared/metrics.md, "Added metrics")
+register_metric(
+    "cls_dist_cos",
+    "token",
+    "cos(x_cls, x_dist), the class and distillation tokens (distilled DeiT only)",
+    "Touvron et al. 2021",
+    num_prefix=2,
+)(F.cls_dist_cos)
