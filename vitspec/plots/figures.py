@@ -62,8 +62,11 @@ def _legend(fig: Figure, axes, ncols: int = 4) -> None:
 
 
 def _names(metrics, attn: bool) -> list[str]:
+    """Metric names in table order; AttnScale's ``pre_*`` after those of A' (the used one)."""
     m = metrics[(metrics["site"] == "attn") == attn]
-    return list(dict.fromkeys(m["metric"]))
+    names = list(dict.fromkeys(m["metric"]))
+    rank = {name: i for i, name in enumerate(names)}
+    return sorted(names, key=lambda n: (n.startswith("pre_"), rank.get(n.removeprefix("pre_"), 0)))
 
 
 def _sites_words(metrics) -> str:
