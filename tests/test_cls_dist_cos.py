@@ -28,8 +28,15 @@ def test_hand_computed_and_refused_without_two_prefix_tokens():
 def test_distilled_deit_matches_numpy_forward():
     torch.manual_seed(1)
     model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, **KW).eval()
-    result = analyze(model, num_images=3, batch_size=2, sites=("embed", "mid", "block"),
-                     metrics="cls_dist_cos", device="cpu", warn=lambda m: None)
+    result = analyze(
+        model,
+        num_images=3,
+        batch_size=2,
+        sites=("embed", "mid", "block"),
+        metrics="cls_dist_cos",
+        device="cpu",
+        warn=lambda m: None,
+    )
     sd = {k: v.double().numpy() for k, v in model.state_dict().items()}
     images = list(iter_batches(open_images(None, 3), eval_transform(model), 3))
     expected: dict[tuple, list[float]] = {}
@@ -51,8 +58,9 @@ def test_not_scheduled_for_one_prefix_token():
     torch.manual_seed(1)
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False, **KW).eval()
     warnings = []
-    result = analyze(model, num_images=2, metrics="cls_dist_cos,hc_energy", device="cpu",
-                     warn=warnings.append)
+    result = analyze(
+        model, num_images=2, metrics="cls_dist_cos,hc_energy", device="cpu", warn=warnings.append
+    )
     assert "cls_dist_cos" not in set(result.metrics["metric"])
     assert "cls_dist_cos" not in result.info["metrics"]
     why = result.info["unavailable"]["cls_dist_cos"]

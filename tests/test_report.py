@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -26,20 +25,77 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("folders")
     mp = pytest.MonkeyPatch()
     real = vitspec.analysis.load_model
-    mp.setattr(vitspec.analysis, "load_model",
-               lambda name, **kw: real(name, **{**kw, "model_kwargs": TINY}))
+    mp.setattr(
+        vitspec.analysis,
+        "load_model",
+        lambda name, **kw: real(name, **{**kw, "model_kwargs": TINY}),
+    )
     try:
         common = ["--random-init", "--num-images", "3", "--quiet"]
-        assert main(["analyze", "deit_tiny", *common, "--out", str(root / "a"),
-                     "--sites", "embed,mid,block"]) == 0
-        assert main(["analyze", "deit_tiny", *common, "--seed", "1", "--out", str(root / "b"),
-                     "--label", "seed1", "--no-figures"]) == 0
-        assert main(["verify", "deit_tiny", "--random-init", "--num-images", "2", "--quiet",
-                     "--out", str(root / "v"), "--no-figures"]) == 0
+        assert (
+            main(
+                [
+                    "analyze",
+                    "deit_tiny",
+                    *common,
+                    "--out",
+                    str(root / "a"),
+                    "--sites",
+                    "embed,mid,block",
+                ]
+            )
+            == 0
+        )
+        assert (
+            main(
+                [
+                    "analyze",
+                    "deit_tiny",
+                    *common,
+                    "--seed",
+                    "1",
+                    "--out",
+                    str(root / "b"),
+                    "--label",
+                    "seed1",
+                    "--no-figures",
+                ]
+            )
+            == 0
+        )
+        assert (
+            main(
+                [
+                    "verify",
+                    "deit_tiny",
+                    "--random-init",
+                    "--num-images",
+                    "2",
+                    "--quiet",
+                    "--out",
+                    str(root / "v"),
+                    "--no-figures",
+                ]
+            )
+            == 0
+        )
     finally:
         mp.undo()
-    assert main(["compare", str(root / "a"), str(root / "b"), "--labels", "a,b",
-                 "--out", str(root / "cmp"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(root / "a"),
+                str(root / "b"),
+                "--labels",
+                "a,b",
+                "--out",
+                str(root / "cmp"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -76,11 +132,24 @@ def test_page_embeds_every_figure_and_refers_to_nothing_outside(page):
 
 def test_page_holds_provenance_summaries_checks_and_differences(page):
     html = (page / "report.html").read_text()
-    for text in ("RANDOM INIT", "deit_tiny_patch16_224", "versions", "torch", "command",
-                 "Summary", "last-layer mean", "mean over layers",
-                 "First layer where <code>patch_cos_abs</code>", "exceeds 0.9",
-                 "Checks (overall: pass)", "row_stochastic", "lowpass_limit",
-                 "Differences from the reference", "max |diff|", "Runs overlaid"):
+    for text in (
+        "RANDOM INIT",
+        "deit_tiny_patch16_224",
+        "versions",
+        "torch",
+        "command",
+        "Summary",
+        "last-layer mean",
+        "mean over layers",
+        "First layer where <code>patch_cos_abs</code>",
+        "exceeds 0.9",
+        "Checks (overall: pass)",
+        "row_stochastic",
+        "lowpass_limit",
+        "Differences from the reference",
+        "max |diff|",
+        "Runs overlaid",
+    ):
         assert text in html, text
     captions = re.findall(r"<figcaption>(.*?)</figcaption>", html, flags=re.S)
     tokens = next(c for c in captions if c.startswith("Token metrics against layer"))
@@ -106,7 +175,9 @@ def test_report_on_one_run_draws_its_figures_in_place_and_reproducibly(folders, 
     page = vitspec.report(run, size="column", band="se")
     assert page == run / "report.html"
     first = {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".png", ".pdf")}
-    assert {"tokens.png", "cosine.pdf", "attn_spectrum_map.png", "attn_entropy_map.pdf"} <= set(first)
+    assert {"tokens.png", "cosine.pdf", "attn_spectrum_map.png", "attn_entropy_map.pdf"} <= set(
+        first
+    )
     with Image.open(run / "tokens.png") as png:
         assert png.size[0] == 700  # 3.5 in at 200 dpi
     assert "band = ± se (sd / sqrt(n)) over 3 images" in page.read_text()
@@ -146,10 +217,20 @@ def test_page_renders_in_headless_chromium(page, tmp_path):
     if browser is None:
         pytest.skip("no chromium: not installed and cannot install it (not root or no apt-get)")
     shot = tmp_path / "shot.png"
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-           "--window-size=1200,2400", f"--screenshot={shot}", (page / "report.html").as_uri()]
+    cmd = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1200,2400",
+        f"--screenshot={shot}",
+        (page / "report.html").as_uri(),
+    ]
     subprocess.run(cmd, capture_output=True, timeout=120)
     assert shot.exists(), "chromium wrote no screenshot"
     with Image.open(shot) as image:

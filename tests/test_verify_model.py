@@ -15,8 +15,8 @@ from vitspec import analyze
 from vitspec.adapters import get_adapter
 from vitspec.capture import capture
 from vitspec.inputs import synthetic_batches
-from vitspec.verification import CHECKS, VERIFY_COLUMNS, VerifyResult, verify
 from vitspec.reporting import draw
+from vitspec.verification import CHECKS, VERIFY_COLUMNS, VerifyResult, verify
 from vitspec.verification import checks as ck
 
 TINY = dict(img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2)

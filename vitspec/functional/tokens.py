@@ -175,6 +175,7 @@ def feat_var(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
     ss = hc.square().sum(dim=1) - g * hc.mean(dim=1).square()
     return (ss / (g - 1)).mean(dim=-1)
 
+
 def dlogamp(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
     """Relative log amplitude of the patch grid's 2-D Fourier transform (Park & Kim 2022).
 

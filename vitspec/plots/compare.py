@@ -71,17 +71,27 @@ def compare_figure(
     return fig
 
 
-def compare_figures(table: pd.DataFrame, info: dict, *, size: str = "page", band: str = "sd"
-                    ) -> dict[str, Drawn]:
+def compare_figures(
+    table: pd.DataFrame, info: dict, *, size: str = "page", band: str = "sd"
+) -> dict[str, Drawn]:
     """``{"compare": Drawn}`` for a comparison (its table and compare.json content)."""
     labels = [run["label"] for run in info["runs"]]
     used = "/".join(str(run.get("images_used")) for run in info["runs"])
     random = [run["label"] for run in info["runs"] if run.get("random_init")]
     warn = f" - RANDOM INIT: {', '.join(random)}" if random else ""
-    fig = compare_figure(table, list(info["metrics"]), x=info["x"], order=labels, size=size,
-                         band=band, heading=f"{' vs '.join(labels)}, site {info['site']}{warn}")
-    caption = (f"{' vs '.join(labels)} against {X_LABELS[info['x']]}: "
-               f"{'; '.join(define(m) for m in info['metrics'])}. Token metrics at site "
-               f"{info['site']}, attention metrics as the per-image mean over heads. "
-               f"{band_words(band, used)}.")
+    fig = compare_figure(
+        table,
+        list(info["metrics"]),
+        x=info["x"],
+        order=labels,
+        size=size,
+        band=band,
+        heading=f"{' vs '.join(labels)}, site {info['site']}{warn}",
+    )
+    caption = (
+        f"{' vs '.join(labels)} against {X_LABELS[info['x']]}: "
+        f"{'; '.join(define(m) for m in info['metrics'])}. Token metrics at site "
+        f"{info['site']}, attention metrics as the per-image mean over heads. "
+        f"{band_words(band, used)}."
+    )
     return {"compare": Drawn(fig, caption)}

@@ -37,7 +37,9 @@ def token_rows(metrics: pd.DataFrame, metric: str, site: str) -> pd.DataFrame:
         0
     """
     sites = ("embed", "block") if site == "block" else (site,)
-    df = metrics[(metrics["metric"] == metric) & metrics["site"].isin(sites) & metrics["head"].isna()]
+    df = metrics[
+        (metrics["metric"] == metric) & metrics["site"].isin(sites) & metrics["head"].isna()
+    ]
     return df.sort_values("layer")
 
 
@@ -86,8 +88,14 @@ def plot_band(
             lo, hi = mean - err, mean + err
             if log:
                 lo = np.maximum(lo, mean / 10)
-            ax.fill_between(xs, np.where(ok, lo, mean), np.where(ok, hi, mean),
-                            color=handle.get_color(), alpha=0.18, lw=0)
+            ax.fill_between(
+                xs,
+                np.where(ok, lo, mean),
+                np.where(ok, hi, mean),
+                color=handle.get_color(),
+                alpha=0.18,
+                lw=0,
+            )
     return handle
 
 
@@ -146,8 +154,7 @@ def plot_runs(
         m = result.metrics
         attn = (m.loc[m["metric"] == metric, "site"] == "attn").any()
         df = head_rows(m, metric, -1) if attn else token_rows(m, metric, site)
-        line = plot_band(ax, df, x, band=band, log=log, label=str(label), ms=2.5,
-                         **run_series(i))
+        line = plot_band(ax, df, x, band=band, log=log, label=str(label), ms=2.5, **run_series(i))
         if line is not None:
             lines.append(line)
     first = next(iter(runs.values()))
@@ -165,10 +172,30 @@ def plot_heads(
     lines = []
     for head in sorted(int(h) for h in df["head"].dropna().unique() if h >= 0):
         rows = head_rows(m, metric, head)
-        lines.append(plot_band(ax, rows, x, band=None, label=f"head {head}", lw=0.8, ms=2,
-                               alpha=0.85, **series(head)))
-    mean = plot_band(ax, head_rows(m, metric, -1), x, band=band, label="head mean",
-                     color=PALETTE[6], lw=2.0, marker="o", ms=2.5)
+        lines.append(
+            plot_band(
+                ax,
+                rows,
+                x,
+                band=None,
+                label=f"head {head}",
+                lw=0.8,
+                ms=2,
+                alpha=0.85,
+                **series(head),
+            )
+        )
+    mean = plot_band(
+        ax,
+        head_rows(m, metric, -1),
+        x,
+        band=band,
+        label="head mean",
+        color=PALETTE[6],
+        lw=2.0,
+        marker="o",
+        ms=2.5,
+    )
     _finish(ax, result.info, metric, x)
     return [line for line in [*lines, mean] if line is not None]
 

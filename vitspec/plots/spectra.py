@@ -19,8 +19,10 @@ from matplotlib.colors import LogNorm, Normalize
 from vitspec.plots.layers import depth_of, head_rows, mark_stages, plot_band, plot_heads
 from vitspec.plots.style import DEPTH_CMAP, HEAT_CMAP, PALETTE, series, tidy_log
 
-PI_TICKS = ([0, math.pi / 4, math.pi / 2, 3 * math.pi / 4, math.pi],
-            ["0", "π/4", "π/2", "3π/4", "π"])
+PI_TICKS = (
+    [0, math.pi / 4, math.pi / 2, 3 * math.pi / 4, math.pi],
+    ["0", "π/4", "π/2", "3π/4", "π"],
+)
 
 
 def grid_of(info: dict, layer: int) -> tuple[int, int]:
@@ -39,14 +41,20 @@ def curve_rows(spectra: pd.DataFrame, curve: str, sites: tuple[str, ...], head=N
 
 def _depth_colorbar(ax: Axes, depth: int, label: str = "layer") -> Normalize:
     norm = Normalize(vmin=0, vmax=max(depth, 1))
-    cbar = ax.figure.colorbar(ScalarMappable(norm=norm, cmap=colormaps[DEPTH_CMAP]), ax=ax,
-                              pad=0.02, fraction=0.06)
+    cbar = ax.figure.colorbar(
+        ScalarMappable(norm=norm, cmap=colormaps[DEPTH_CMAP]), ax=ax, pad=0.02, fraction=0.06
+    )
     cbar.set_label(label)
     return norm
 
 
 def plot_curves_by_depth(
-    ax: Axes, result, curve: str, *, sites=("embed", "block"), head=None, centre=True,
+    ax: Axes,
+    result,
+    curve: str,
+    sites=("embed", "block"),
+    head=None,
+    centre=True,
     log=True,
 ) -> int:
     """One curve per layer against token frequency k, coloured by layer (colour bar).
@@ -64,7 +72,7 @@ def plot_curves_by_depth(
         The number of curves drawn.
 
     Example:
-        >>> plot_curves_by_depth(ax, result, "attn_spectrum", sites=("attn",), head=-1)  # doctest: +SKIP
+        >>> plot_curves_by_depth(ax, run, "attn_spectrum", ("attn",), -1)  # doctest: +SKIP
         12
     """
     df = curve_rows(result.spectra, curve, tuple(sites), head)
@@ -98,9 +106,15 @@ def plot_spectrum_map(ax: Axes, result, curve: str = "attn_spectrum", *, head: i
     layers = table.index.to_numpy()
     positive = values[values > 0]
     norm = LogNorm(vmin=max(positive.min(), positive.max() * 1e-6), vmax=positive.max())
-    image = ax.imshow(np.where(values > 0, values, np.nan), aspect="auto", origin="lower",
-                      cmap=HEAT_CMAP, norm=norm, interpolation="nearest",
-                      extent=(-(n // 2) - 0.5, n - n // 2 - 0.5, layers[0] - 0.5, layers[-1] + 0.5))
+    image = ax.imshow(
+        np.where(values > 0, values, np.nan),
+        aspect="auto",
+        origin="lower",
+        cmap=HEAT_CMAP,
+        norm=norm,
+        interpolation="nearest",
+        extent=(-(n // 2) - 0.5, n - n // 2 - 0.5, layers[0] - 0.5, layers[-1] + 0.5),
+    )
     ax.figure.colorbar(image, ax=ax, pad=0.02, fraction=0.06, label="||row k of F A F^H||")
     ax.set_xlabel("token frequency k (DC = 0 in the middle)")
     ax.set_ylabel("layer")
@@ -177,9 +191,16 @@ def plot_head_map(ax: Axes, result, metric: str = "attn_entropy") -> float | Non
         vmax = max(vmax, log_n)
         vmax += 0.05 * (vmax - vmin) + 1e-12
     layers, heads = table.index.to_numpy(), table.columns.to_numpy()
-    image = ax.imshow(values, aspect="auto", origin="lower", cmap=HEAT_CMAP, vmin=vmin, vmax=vmax,
-                      interpolation="nearest",
-                      extent=(heads[0] - 0.5, heads[-1] + 0.5, layers[0] - 0.5, layers[-1] + 0.5))
+    image = ax.imshow(
+        values,
+        aspect="auto",
+        origin="lower",
+        cmap=HEAT_CMAP,
+        vmin=vmin,
+        vmax=vmax,
+        interpolation="nearest",
+        extent=(heads[0] - 0.5, heads[-1] + 0.5, layers[0] - 0.5, layers[-1] + 0.5),
+    )
     cbar = ax.figure.colorbar(image, ax=ax, pad=0.02, fraction=0.06)
     cbar.formatter.set_useOffset(False)
     cbar.set_label("entropy (nats); red line: log N" if log_n is not None else metric)

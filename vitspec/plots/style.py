@@ -7,7 +7,7 @@ are decided here and nowhere else.
 Example:
     >>> with style("column"):
     ...     fig, axes = panels("column", 3)
-    >>> len(axes), round(fig.get_figwidth(), 2)
+    >>> len(axes), float(fig.get_figwidth())
     (3, 3.5)
 """
 
@@ -197,7 +197,12 @@ def save(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
     png, pdf = out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"
     with mpl.rc_context({"pdf.fonttype": 42, "ps.fonttype": 42, "svg.hashsalt": "vitspec"}):
         _replace(png, lambda tmp: _png(fig, tmp))
-        _replace(pdf, lambda tmp: fig.savefig(
-            tmp, format="pdf", metadata={"CreationDate": None, "Producer": None, "Creator": None}
-        ))
+        _replace(
+            pdf,
+            lambda tmp: fig.savefig(
+                tmp,
+                format="pdf",
+                metadata={"CreationDate": None, "Producer": None, "Creator": None},
+            ),
+        )
     return [png, pdf]

@@ -36,8 +36,10 @@ def verdict(info: dict, check: str) -> str:
     if c["status"] == "not-applicable":
         return f"{check}: NOT APPLICABLE ({c['not_applicable'][0] if c['not_applicable'] else ''})"
     slack = "n/a" if c["max_slack"] is None else f"{c['max_slack']:.3g}"
-    text = (f"{check}: {c['status'].upper()} ({c['violations']} of {c['cases']} cases violate, "
-            f"max slack {slack})")
+    text = (
+        f"{check}: {c['status'].upper()} ({c['violations']} of {c['cases']} cases violate, "
+        f"max slack {slack})"
+    )
     if c["failing"]:
         more = " ..." if len(c["failing"]) > 3 else ""
         text += f" - fails at {', '.join(c['failing'][:3])}{more}"
@@ -119,13 +121,28 @@ def plot_gain_bounds(gains: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     for i, head in enumerate(heads):
         g = gains[gains["head"] == head].sort_values("layer")
         x = g["layer"] + (i - (len(heads) - 1) / 2) * width
-        ax.scatter(x, g["s_a"], s=12, color="C0", alpha=0.8,
-                   label="s_a (per head)" if i == 0 else None)
-        ax.scatter(x, g["norm"], s=14, marker="x", color="C1", alpha=0.8,
-                   label="||A||_2 (per head)" if i == 0 else None)
+        ax.scatter(
+            x, g["s_a"], s=12, color="C0", alpha=0.8, label="s_a (per head)" if i == 0 else None
+        )
+        ax.scatter(
+            x,
+            g["norm"],
+            s=14,
+            marker="x",
+            color="C1",
+            alpha=0.8,
+            label="||A||_2 (per head)" if i == 0 else None,
+        )
     per_layer = gains.groupby("layer")["logit_bound"].mean()
-    ax.plot(per_layer.index, per_layer.values, color="C3", lw=1.8, marker="_", ms=12,
-            label="logit bound (mean over heads)")
+    ax.plot(
+        per_layer.index,
+        per_layer.values,
+        color="C3",
+        lw=1.8,
+        marker="_",
+        ms=12,
+        label="logit bound (mean over heads)",
+    )
     ax.axhline(1, color="grey", lw=0.8, ls=":")
     ax.set_yscale("log")
     ax.set_xlabel("layer")
@@ -143,8 +160,15 @@ def plot_msa_gain(blocks: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     df = _finite(blocks.sort_values("layer"))
     ax.plot(df["layer"], df["gain"], color="C0", marker="o", ms=3, label="measured (mean)")
     ax.plot(df["layer"], df["gain_max"], color="C0", ls=":", marker=".", label="measured (max)")
-    ax.plot(df["layer"], df["bound"], color="C3", ls="--", marker="_", ms=10,
-            label="bound sum_h s_a ||W_V W_O||")
+    ax.plot(
+        df["layer"],
+        df["bound"],
+        color="C3",
+        ls="--",
+        marker="_",
+        ms=10,
+        label="bound sum_h s_a ||W_V W_O||",
+    )
     ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.set_ylabel("||HC[MSA(Y)]|| / ||HC[Y]||")
@@ -161,10 +185,20 @@ def plot_residual_rate(blocks: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     df = _finite(blocks.sort_values("layer"))
     ax.plot(df["layer"], df["rate"], color="C0", marker="o", ms=3, label="measured (mean)")
     ax.plot(df["layer"], df["rate_max"], color="C0", ls=":", marker=".", label="measured (max)")
-    ax.plot(df["layer"], df["rate_bound"], color="C3", ls="--",
-            label="bound (||HC X|| + B ||HC Y||) / ||HC X||")
-    ax.plot(df["layer"], df["one_plus_bound"], color="grey", ls="-.",
-            label="1 + B (not a bound with LayerNorm)")
+    ax.plot(
+        df["layer"],
+        df["rate_bound"],
+        color="C3",
+        ls="--",
+        label="bound (||HC X|| + B ||HC Y||) / ||HC X||",
+    )
+    ax.plot(
+        df["layer"],
+        df["one_plus_bound"],
+        color="grey",
+        ls="-.",
+        label="1 + B (not a bound with LayerNorm)",
+    )
     ax.set_xlabel("layer")
     ax.set_ylabel("||HC[X + MSA(Y)]|| / ||HC[X]||")
     ax.set_title("residual form")
@@ -173,8 +207,9 @@ def plot_residual_rate(blocks: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     return ax
 
 
-def plot_synthetic_gain(points: pd.DataFrame, *, value: str = "s_a",
-                        ax: Axes | None = None) -> Axes:
+def plot_synthetic_gain(
+    points: pd.DataFrame, *, value: str = "s_a", ax: Axes | None = None
+) -> Axes:
     """Synthetic suite: ``value`` (``s_a`` or ``norm`` = ``||A||_2``) against the logit
     half-width a, colour per N, marker per logit family, with the bound curve per N."""
     ax = _axes(ax)
@@ -186,10 +221,15 @@ def plot_synthetic_gain(points: pd.DataFrame, *, value: str = "s_a",
         color = f"C{i}"
         df = points[points["N"] == n]
         for family, group in df.groupby("family"):
-            ax.scatter(group["a"], group[value], s=16, color=color,
-                       marker=FAMILY_MARKERS.get(family, "o"), alpha=0.8)
-        ax.plot(grid, np.sqrt(n / (1 + (n - 1) * np.exp(-2 * grid))), color=color, lw=1.2,
-                ls="--")
+            ax.scatter(
+                group["a"],
+                group[value],
+                s=16,
+                color=color,
+                marker=FAMILY_MARKERS.get(family, "o"),
+                alpha=0.8,
+            )
+        ax.plot(grid, np.sqrt(n / (1 + (n - 1) * np.exp(-2 * grid))), color=color, lw=1.2, ls="--")
     ax.set_xscale("symlog", linthresh=0.1)
     if value == "s_a":  # s_a is 0 (round-off) for uniform and rank-one matrices: keep 0 visible
         ax.set_yscale("symlog", linthresh=1e-3)
@@ -200,10 +240,15 @@ def plot_synthetic_gain(points: pd.DataFrame, *, value: str = "s_a",
     ax.set_ylabel("s_a" if value == "s_a" else "||A||_2")
     note = "; shared rows: rank-one A, s_a = 0" if value == "s_a" else ""
     ax.set_title(f"{'s_a' if value == 's_a' else '||A||_2'} vs a (dashed: logit bound{note})")
-    handles = [Line2D([], [], color=f"C{i}", marker="o", ls="--", label=f"N = {n}")
-               for i, n in enumerate(sizes)]
-    handles += [Line2D([], [], color="black", marker=m, ls="", label=f)
-                for f, m in FAMILY_MARKERS.items() if f in set(points["family"])]
+    handles = [
+        Line2D([], [], color=f"C{i}", marker="o", ls="--", label=f"N = {n}")
+        for i, n in enumerate(sizes)
+    ]
+    handles += [
+        Line2D([], [], color="black", marker=m, ls="", label=f)
+        for f, m in FAMILY_MARKERS.items()
+        if f in set(points["family"])
+    ]
     ax.legend(handles=handles, loc="upper left")
     ax.grid(alpha=0.3, which="both")
     return ax
@@ -230,56 +275,108 @@ def verify_figures(result, *, size: str = "page") -> dict[str, Drawn]:
     if curves is not None and len(curves):
         layers = sorted(curves["layer"].unique())
         n = len(layers) + 2
-        fig, axes = panels(size, n, ncols=min(n, 2 if size == "column" else 3), aspect=0.8,
-                           extra=0.9)
+        fig, axes = panels(
+            size, n, ncols=min(n, 2 if size == "column" else 3), aspect=0.8, extra=0.9
+        )
         for ax, layer in zip(axes, layers):
             plot_lowpass_curves(curves, layer, ax=ax)
-        axes[0].legend(handles=[Line2D([], [], color="black", marker="o", ms=2.5,
-                                       label="measured r_t (colour = head)"),
-                                Line2D([], [], color="black", ls="--",
-                                       label="bound s_a^t ||HC z|| / ||DC A^t z||")])
+        axes[0].legend(
+            handles=[
+                Line2D(
+                    [], [], color="black", marker="o", ms=2.5, label="measured r_t (colour = head)"
+                ),
+                Line2D([], [], color="black", ls="--", label="bound s_a^t ||HC z|| / ||DC A^t z||"),
+            ]
+        )
         if products is not None and len(products):
             plot_product_lowpass(products, ax=axes[len(layers)])
         if gains is not None and len(gains):
             plot_decay_rate(gains, ax=axes[len(layers) + 1])
-        title(fig, _title(info, "low-pass limit (Theorem 1)") + ". "
-              + verdict(info, "lowpass_limit") + ". " + verdict(info, "product_lowpass"), size)
-        figures["verify_lowpass"] = Drawn(fig, (
-            "Low-pass limit (Wang et al. 2022, Theorem 1): r_t = ||HC[A^t z]|| / ||DC[A^t z]|| "
-            "(solid, geometric mean over images and start vectors z, up to the first early "
-            "stop) and its bound s_a^t ||HC z|| / ||DC A^t z|| (dashed) against the power t, "
-            "one panel per layer, colour = head, log y; then the products A_l...A_1 z along "
-            "same-head and random-head paths with the prod s_a bound, and the fitted per-step "
-            "decay rate against s_a (one point per layer and head, dashed: rate = s_a)."))
+        title(
+            fig,
+            _title(info, "low-pass limit (Theorem 1)")
+            + ". "
+            + verdict(info, "lowpass_limit")
+            + ". "
+            + verdict(info, "product_lowpass"),
+            size,
+        )
+        figures["verify_lowpass"] = Drawn(
+            fig,
+            (
+                "Low-pass limit (Wang et al. 2022, Theorem 1): r_t = ||HC[A^t z]|| / ||DC[A^t z]|| "
+                "(solid, geometric mean over images and start vectors z, up to the first early "
+                "stop) and its bound s_a^t ||HC z|| / ||DC A^t z|| (dashed) against the power t, "
+                "one panel per layer, colour = head, log y; then the products A_l...A_1 z along "
+                "same-head and random-head paths with the prod s_a bound, and the fitted per-step "
+                "decay rate against s_a (one point per layer and head, dashed: rate = s_a)."
+            ),
+        )
     if gains is not None and len(gains):
         fig, axes = panels(size, 1, aspect=0.6, extra=0.6)
         plot_gain_bounds(gains, ax=axes[0])
-        title(fig, _title(info, "s_a <= ||A||_2 <= logit bound") + ". "
-              + verdict(info, "logit_bound") + ". " + verdict(info, "hc_contraction"), size)
-        figures["verify_gain"] = Drawn(fig, (
-            "HC gain bounds: s_a = sigma_max((I - J) A (I - J)) per layer and head (dots), "
-            "||A||_2 (crosses) and the logit bound sqrt(N e^{2a} / (e^{2a} + N - 1)) (line, mean "
-            "over heads), each the mean over images; log y."))
+        title(
+            fig,
+            _title(info, "s_a <= ||A||_2 <= logit bound")
+            + ". "
+            + verdict(info, "logit_bound")
+            + ". "
+            + verdict(info, "hc_contraction"),
+            size,
+        )
+        figures["verify_gain"] = Drawn(
+            fig,
+            (
+                "HC gain bounds: s_a = sigma_max((I - J) A (I - J)) per layer and head (dots), "
+                "||A||_2 (crosses) and the logit bound sqrt(N e^{2a} / (e^{2a} + N - 1)) (line, "
+                "mean "
+                "over heads), each the mean over images; log y."
+            ),
+        )
     blocks = data.get("blocks")
     if blocks is not None and len(blocks):
         fig, axes = panels(size, 2, ncols=1 if size == "column" else 2, aspect=0.75, extra=0.6)
         plot_msa_gain(blocks, ax=axes[0])
         plot_residual_rate(blocks, ax=axes[1])
-        title(fig, _title(info, "HC gain of the attention branch per block") + ". "
-              + verdict(info, "msa_bound") + ". " + verdict(info, "msa_residual"), size)
-        figures["verify_msa"] = Drawn(fig, (
-            "Attention branch: measured ||HC[MSA(Y)]|| / ||HC[Y]|| (mean and max over images) "
-            "against the bound sum_h s_a^h ||W_V^h W_O^h||_2 per layer (log y); residual form: "
-            "measured ||HC[X + MSA(Y)]|| / ||HC[X]|| against (||HC X|| + B ||HC Y||) / ||HC X|| "
-            "and the naive 1 + B."))
+        title(
+            fig,
+            _title(info, "HC gain of the attention branch per block")
+            + ". "
+            + verdict(info, "msa_bound")
+            + ". "
+            + verdict(info, "msa_residual"),
+            size,
+        )
+        figures["verify_msa"] = Drawn(
+            fig,
+            (
+                "Attention branch: measured ||HC[MSA(Y)]|| / ||HC[Y]|| (mean and max over images) "
+                "against the bound sum_h s_a^h ||W_V^h W_O^h||_2 per layer (log y); residual form: "
+                "measured ||HC[X + MSA(Y)]|| / ||HC[X]|| against (||HC X|| + B ||HC Y||) / ||HC "
+                "X|| "
+                "and the naive 1 + B."
+            ),
+        )
     points = data.get("synthetic")
     if points is not None and len(points):
         fig, axes = panels(size, 2, ncols=1 if size == "column" else 2, aspect=0.75, extra=0.6)
         plot_synthetic_gain(points, value="s_a", ax=axes[0])
         plot_synthetic_gain(points, value="norm", ax=axes[1])
-        title(fig, _title(info, "HC gain against the logit bound") + ". "
-              + verdict(info, "logit_bound") + ". " + verdict(info, "hc_contraction"), size)
-        figures["verify_synthetic"] = Drawn(fig, (
-            "Synthetic softmax matrices: s_a and ||A||_2 against the logit half-width a, colour "
-            "= N, marker = logit family, dashed: the logit bound for each N."))
+        title(
+            fig,
+            _title(info, "HC gain against the logit bound")
+            + ". "
+            + verdict(info, "logit_bound")
+            + ". "
+            + verdict(info, "hc_contraction"),
+            size,
+        )
+        figures["verify_synthetic"] = Drawn(
+            fig,
+            (
+                "Synthetic softmax matrices: s_a and ||A||_2 against the logit half-width a, "
+                "colour "
+                "= N, marker = logit family, dashed: the logit bound for each N."
+            ),
+        )
     return figures

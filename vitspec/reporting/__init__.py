@@ -91,8 +91,8 @@ def report(
         The path of ``report.html``.
 
     Example:
-        >>> vitspec.report(["runs/base", "runs/attnscale", "runs/cmp"], "runs/report")  # doctest: +SKIP
-        PosixPath('runs/report/report.html')
+        >>> vitspec.report(["runs/a", "runs/b", "runs/cmp"], "runs/rep")  # doctest: +SKIP
+        PosixPath('runs/rep/report.html')
     """
     paths = [folders] if isinstance(folders, (str, Path)) else list(folders)
     if not paths:
@@ -124,12 +124,16 @@ def _write(folders: list[Folder], root: Path, size: str, band: str, in_place: bo
             body = "<p>The analyze runs of this report on shared axes.</p>"
             sections.append(("overlay", "Runs overlaid", body + _figures(drawn, where, root)))
     kinds = ", ".join(f"{f.kind} {f.label}" for f in folders)
-    intro = (f"<p>Made by <code>vitspec report</code> from: {page.esc(kinds)}. Figure size "
-             f"{page.esc(size)}; bands = {page.esc(band)} over images. Every figure is also "
-             "saved as PNG (200 dpi) and PDF beside this page.</p>")
+    intro = (
+        f"<p>Made by <code>vitspec report</code> from: {page.esc(kinds)}. Figure size "
+        f"{page.esc(size)}; bands = {page.esc(band)} over images. Every figure is also "
+        "saved as PNG (200 dpi) and PDF beside this page.</p>"
+    )
     if any(f.kind != "compare" and f.data.info.get("random_init") for f in folders):
-        intro += ('<p class="warn">RANDOM INIT: some runs use untrained random weights; their '
-                  "numbers describe an untrained network.</p>")
+        intro += (
+            '<p class="warn">RANDOM INIT: some runs use untrained random weights; their '
+            "numbers describe an untrained network.</p>"
+        )
     text = page.page("vitspec report", sections, intro)
     (root / HTML).write_text(text, encoding="utf-8")
     return root / HTML
@@ -148,28 +152,52 @@ def _section(f: Folder, drawn: dict[str, Drawn], where: Path, root: Path) -> tup
     anchor = slug(f.label)
     if f.kind == "analyze":
         crossings = first_crossings(f.data)
-        body = (page.pairs([("folder", f.path), *page.provenance(f.data.info)])
-                + "<h3>Summary</h3>" + page.table(summary(f.data))
-                + "<p>First layer where <code>patch_cos_abs</code> (site block, layer 0 = embed) "
-                  "exceeds 0.5: " + page.esc(crossings[0.5]) + "; exceeds 0.9: "
-                + page.esc(crossings[0.9]) + ".</p>")
+        body = (
+            page.pairs([("folder", f.path), *page.provenance(f.data.info)])
+            + "<h3>Summary</h3>"
+            + page.table(summary(f.data))
+            + "<p>First layer where <code>patch_cos_abs</code> (site block, layer 0 = embed) "
+            "exceeds 0.5: "
+            + page.esc(crossings[0.5])
+            + "; exceeds 0.9: "
+            + page.esc(crossings[0.9])
+            + ".</p>"
+        )
         heading = f"Run {f.label}"
     elif f.kind == "verify":
         status = f.data.info.get("summary", {}).get("status", "?")
-        body = (page.pairs([("folder", f.path), *page.provenance(f.data.info)])
-                + f"<h3>Checks (overall: {page.esc(status)})</h3>" + page.table(check_table(f.data))
-                + "<p>Every row of <code>verify.csv</code> (per layer and head) is in the "
-                  "folder.</p>")
+        body = (
+            page.pairs([("folder", f.path), *page.provenance(f.data.info)])
+            + f"<h3>Checks (overall: {page.esc(status)})</h3>"
+            + page.table(check_table(f.data))
+            + "<p>Every row of <code>verify.csv</code> (per layer and head) is in the "
+            "folder.</p>"
+        )
         heading = f"Verify {f.label}"
     else:
         info = f.data.info
-        runs = [(r["label"], f"{r.get('model')} [{r.get('checkpoint')}] from {r.get('dir')}"
-                 + (f", sha256 {r['sha256']}" if r.get("sha256") else ""))
-                for r in info["runs"]]
-        body = (page.pairs([("folder", f.path), ("reference", info.get("reference")),
-                            ("site", info.get("site")), ("x", info.get("x")), *runs,
-                            ("vitspec", info.get("vitspec"))])
-                + "<h3>Differences from the reference</h3>" + page.table(difference_table(f.data))
-                + "<p>Per layer: <code>differences.csv</code> in the folder.</p>")
+        runs = [
+            (
+                r["label"],
+                f"{r.get('model')} [{r.get('checkpoint')}] from {r.get('dir')}"
+                + (f", sha256 {r['sha256']}" if r.get("sha256") else ""),
+            )
+            for r in info["runs"]
+        ]
+        body = (
+            page.pairs(
+                [
+                    ("folder", f.path),
+                    ("reference", info.get("reference")),
+                    ("site", info.get("site")),
+                    ("x", info.get("x")),
+                    *runs,
+                    ("vitspec", info.get("vitspec")),
+                ]
+            )
+            + "<h3>Differences from the reference</h3>"
+            + page.table(difference_table(f.data))
+            + "<p>Per layer: <code>differences.csv</code> in the folder.</p>"
+        )
         heading = f"Compare {f.label}"
     return anchor, heading, body + _figures(drawn, where, root)

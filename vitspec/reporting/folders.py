@@ -63,8 +63,12 @@ def folder_kind(path: Path) -> str:
 
 
 def _load_verify(path: Path) -> VerifyRun:
-    table = pd.read_csv(path / "verify.csv", dtype={"layer": "Int64", "head": "Int64"},
-                        keep_default_na=False, na_values=[""])
+    table = pd.read_csv(
+        path / "verify.csv",
+        dtype={"layer": "Int64", "head": "Int64"},
+        keep_default_na=False,
+        na_values=[""],
+    )
     info = json.loads((path / "verify.json").read_text())
     data = {k: pd.DataFrame(v) for k, v in info.pop("figure_data", {}).items()}
     return VerifyRun(table=table, info=info, figure_data=data)
@@ -126,16 +130,20 @@ def summary(result: Result) -> pd.DataFrame:
         g = g.sort_values("layer")
         last = g.iloc[-1]
         embed = m[(m["metric"] == metric) & (m["site"] == "embed")]["mean"]
-        rows.append({
-            "metric": metric,
-            "site": site if site != "attn" else "attn (head mean)",
-            "embed (layer 0)": float(embed.iloc[0]) if len(embed) and site == "block" else np.nan,
-            "last layer": int(last["layer"]),
-            "last-layer mean": float(last["mean"]),
-            "last-layer sd": float(last["std"]),
-            "mean over layers": float(g["mean"].mean()),
-            "n images": int(last["n"]),
-        })
+        rows.append(
+            {
+                "metric": metric,
+                "site": site if site != "attn" else "attn (head mean)",
+                "embed (layer 0)": float(embed.iloc[0])
+                if len(embed) and site == "block"
+                else np.nan,
+                "last layer": int(last["layer"]),
+                "last-layer mean": float(last["mean"]),
+                "last-layer sd": float(last["std"]),
+                "mean over layers": float(g["mean"].mean()),
+                "n images": int(last["n"]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -166,16 +174,18 @@ def check_table(run: VerifyRun) -> pd.DataFrame:
     """verify.json's per-check verdicts as one row per check."""
     rows = []
     for name, c in run.info.get("summary", {}).get("checks", {}).items():
-        rows.append({
-            "check": name,
-            "status": c["status"],
-            "cases": c["cases"],
-            "violations": c["violations"],
-            "max slack": c["max_slack"],
-            "tolerance": c["tolerance"],
-            "fails at": ", ".join(c["failing"][:6]) + (" ..." if len(c["failing"]) > 6 else ""),
-            "not applicable": "; ".join(c["not_applicable"]),
-        })
+        rows.append(
+            {
+                "check": name,
+                "status": c["status"],
+                "cases": c["cases"],
+                "violations": c["violations"],
+                "max slack": c["max_slack"],
+                "tolerance": c["tolerance"],
+                "fails at": ", ".join(c["failing"][:6]) + (" ..." if len(c["failing"]) > 6 else ""),
+                "not applicable": "; ".join(c["not_applicable"]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -187,17 +197,19 @@ def difference_table(comparison: ComparisonResult) -> pd.DataFrame:
         g = g.sort_values("layer")
         last = g.iloc[-1]
         worst = g.loc[g["diff"].abs().idxmax()]
-        rows.append({
-            "metric": metric,
-            "run": run,
-            "reference": last["reference_run"],
-            "last layer": int(last["layer"]),
-            "reference mean": float(last["reference_mean"]),
-            "run mean": float(last["mean"]),
-            "diff (last)": float(last["diff"]),
-            "mean diff": float(g["diff"].mean()),
-            "max |diff|": float(abs(worst["diff"])),
-            "at layer": int(worst["layer"]),
-            "layers +/-": f"{int((g['sign'] == '+').sum())}/{int((g['sign'] == '-').sum())}",
-        })
+        rows.append(
+            {
+                "metric": metric,
+                "run": run,
+                "reference": last["reference_run"],
+                "last layer": int(last["layer"]),
+                "reference mean": float(last["reference_mean"]),
+                "run mean": float(last["mean"]),
+                "diff (last)": float(last["diff"]),
+                "mean diff": float(g["diff"].mean()),
+                "max |diff|": float(abs(worst["diff"])),
+                "at layer": int(worst["layer"]),
+                "layers +/-": f"{int((g['sign'] == '+').sum())}/{int((g['sign'] == '-').sum())}",
+            }
+        )
     return pd.DataFrame(rows)

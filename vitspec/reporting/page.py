@@ -60,17 +60,22 @@ def table(df: pd.DataFrame) -> str:
 
 def pairs(items: list[tuple[str, object]]) -> str:
     """A two-column key/value table (values escaped; empty values left out)."""
-    rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>"
-                   for k, v in items if v not in (None, "", [], {}))
+    rows = "".join(
+        f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>"
+        for k, v in items
+        if v not in (None, "", [], {})
+    )
     return f"<table>{rows}</table>"
 
 
 def figure(png: Path, caption: str, files: str, anchor: str) -> str:
     """A figure embedded as a PNG data URI, with its caption and the names of its files."""
     data = base64.b64encode(png.read_bytes()).decode("ascii")
-    return (f'<figure id="{esc(anchor)}"><img alt="{esc(caption[:120])}" '
-            f'src="data:image/png;base64,{data}"><figcaption>{esc(caption)} '
-            f"<code>{esc(files)}</code></figcaption></figure>")
+    return (
+        f'<figure id="{esc(anchor)}"><img alt="{esc(caption[:120])}" '
+        f'src="data:image/png;base64,{data}"><figcaption>{esc(caption)} '
+        f"<code>{esc(files)}</code></figcaption></figure>"
+    )
 
 
 def provenance(info: dict) -> list[tuple[str, object]]:
@@ -81,21 +86,40 @@ def provenance(info: dict) -> list[tuple[str, object]]:
     skipped = images.get("skipped") or []
     return [
         ("model", f"{info.get('model', '')} (timm: {info.get('timm_name', '')})"),
-        ("weights", "RANDOM INIT (untrained), seed " + str(info.get("seed", weights.get("seed")))
-         if random else info.get("checkpoint")),
+        (
+            "weights",
+            "RANDOM INIT (untrained), seed " + str(info.get("seed", weights.get("seed")))
+            if random
+            else info.get("checkpoint"),
+        ),
         ("checkpoint path", weights.get("path")),
         ("checkpoint sha256", weights.get("sha256")),
-        ("images", f"{images.get('used', '?')} used from {images.get('source', '?')}"
-                   + (f", {len(skipped)} skipped" if skipped else "")),
+        (
+            "images",
+            f"{images.get('used', '?')} used from {images.get('source', '?')}"
+            + (f", {len(skipped)} skipped" if skipped else ""),
+        ),
         ("sites", ", ".join(info.get("sites", []))),
-        ("stages", "; ".join(f"layers {s['first_layer']}-{s['last_layer']}: grid "
-                             f"{'x'.join(map(str, s['grid']))}, {s.get('channels')} channels"
-                             for s in info.get("stages") or [])),
+        (
+            "stages",
+            "; ".join(
+                f"layers {s['first_layer']}-{s['last_layer']}: grid "
+                f"{'x'.join(map(str, s['grid']))}, {s.get('channels')} channels"
+                for s in info.get("stages") or []
+            ),
+        ),
         ("unavailable", "; ".join(f"{k}: {v}" for k, v in (info.get("unavailable") or {}).items())),
-        ("versions", ", ".join(f"{k} {info[k]}" for k in ("vitspec", "torch", "timm", "python")
-                               if info.get(k))),
-        ("device", f"{info.get('device', '')} {info.get('device_name', '')}, "
-                   f"{info.get('dtype', '')}, batch {info.get('batch_size', '')}"),
+        (
+            "versions",
+            ", ".join(
+                f"{k} {info[k]}" for k in ("vitspec", "torch", "timm", "python") if info.get(k)
+            ),
+        ),
+        (
+            "device",
+            f"{info.get('device', '')} {info.get('device_name', '')}, "
+            f"{info.get('dtype', '')}, batch {info.get('batch_size', '')}",
+        ),
         ("time", _time(info)),
         ("command", info.get("command")),
     ]
@@ -111,9 +135,10 @@ def _time(info: dict) -> str:
 def page(title: str, sections: list[tuple[str, str, str]], intro: str) -> str:
     """The whole page: a title, a contents list and the ``(anchor, heading, body)`` sections."""
     nav = "".join(f'<li><a href="#{esc(a)}">{esc(h)}</a></li>' for a, h, _ in sections)
-    body = "".join(f'<section id="{esc(a)}"><h2>{esc(h)}</h2>{b}</section>'
-                   for a, h, b in sections)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
-            f"<h1>{esc(title)}</h1>{intro}<nav><ul>{nav}</ul></nav>{body}</body></html>\n")
+    body = "".join(f'<section id="{esc(a)}"><h2>{esc(h)}</h2>{b}</section>' for a, h, b in sections)
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
+        f"<h1>{esc(title)}</h1>{intro}<nav><ul>{nav}</ul></nav>{body}</body></html>\n"
+    )
