@@ -28,6 +28,11 @@ def _axes(ax: Axes | None, size=(4.5, 3.4)) -> Axes:
     return ax if ax is not None else Figure(figsize=size, layout="constrained").add_subplot()
 
 
+def _legend_below(ax: Axes) -> None:
+    """The legend under the axes, never over the data."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=1, fontsize="small")
+
+
 def verdict(info: dict, check: str) -> str:
     """``"logit_bound: PASS (0 of 792 cases violate, max slack 0.83)"`` from verify.json."""
     c = info.get("summary", {}).get("checks", {}).get(check)
@@ -84,8 +89,9 @@ def plot_product_lowpass(products: pd.DataFrame, *, ax: Axes | None = None) -> A
     ax.set_yscale("log")
     ax.set_xlabel("layers in the product")
     ax.set_ylabel("||HC|| / ||DC|| of A_l...A_1 z")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title("products of attention (Corollary)")
-    ax.legend()
+    _legend_below(ax)
     ax.grid(alpha=0.3, which="both")
     return ax
 
@@ -106,7 +112,7 @@ def plot_decay_rate(gains: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     ax.set_xlabel("s_a (mean over images)")
     ax.set_ylabel("fitted decay rate per step")
     ax.set_title("measured decay vs s_a")
-    ax.legend()
+    _legend_below(ax)
     ax.grid(alpha=0.3)
     return ax
 
@@ -146,9 +152,10 @@ def plot_gain_bounds(gains: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     ax.axhline(1, color="grey", lw=0.8, ls=":")
     ax.set_yscale("log")
     ax.set_xlabel("layer")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("gain")
     ax.set_xticks(sorted(gains["layer"].unique()))
-    ax.legend(loc="best")
+    _legend_below(ax)
     ax.grid(alpha=0.3, which="both")
     return ax
 
@@ -171,9 +178,10 @@ def plot_msa_gain(blocks: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     )
     ax.set_yscale("log")
     ax.set_xlabel("layer")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("||HC[MSA(Y)]|| / ||HC[Y]||")
     ax.set_title("attention branch")
-    ax.legend()
+    _legend_below(ax)
     ax.grid(alpha=0.3, which="both")
     return ax
 
@@ -200,9 +208,11 @@ def plot_residual_rate(blocks: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
         label="1 + B (not a bound with LayerNorm)",
     )
     ax.set_xlabel("layer")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("||HC[X + MSA(Y)]|| / ||HC[X]||")
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_title("residual form")
-    ax.legend()
+    _legend_below(ax)
     ax.grid(alpha=0.3)
     return ax
 
@@ -238,8 +248,7 @@ def plot_synthetic_gain(
         ax.set_yscale("log")
     ax.set_xlabel("a = largest half-width of a row's logit range")
     ax.set_ylabel("s_a" if value == "s_a" else "||A||_2")
-    note = "; shared rows: rank-one A, s_a = 0" if value == "s_a" else ""
-    ax.set_title(f"{'s_a' if value == 's_a' else '||A||_2'} vs a (dashed: logit bound{note})")
+    ax.set_title(f"{'s_a' if value == 's_a' else '||A||_2'} vs a")
     handles = [
         Line2D([], [], color=f"C{i}", marker="o", ls="--", label=f"N = {n}")
         for i, n in enumerate(sizes)
@@ -274,46 +283,47 @@ def verify_figures(result, *, size: str = "page") -> dict[str, Drawn]:
     curves, products, gains = (data.get(k) for k in ("curves", "products", "gains"))
     if curves is not None and len(curves):
         layers = sorted(curves["layer"].unique())
-        n = len(layers) + 2
-        fig, axes = panels(
-            size, n, ncols=min(n, 2 if size == "column" else 3), aspect=0.8, extra=0.9
-        )
+        n = len(layers)
+        cols = min(n, 2 if size == "column" else 3)
+        fig, axes = panels(size, n, ncols=cols, aspect=0.8, extra=0.9)
         for ax, layer in zip(axes, layers):
             plot_lowpass_curves(curves, layer, ax=ax)
-        axes[0].legend(
-            handles=[
-                Line2D(
-                    [], [], color="black", marker="o", ms=2.5, label="measured r_t (colour = head)"
-                ),
-                Line2D([], [], color="black", ls="--", label="bound s_a^t ||HC z|| / ||DC A^t z||"),
-            ]
-        )
-        if products is not None and len(products):
-            plot_product_lowpass(products, ax=axes[len(layers)])
-        if gains is not None and len(gains):
-            plot_decay_rate(gains, ax=axes[len(layers) + 1])
-        title(
-            fig,
-            _title(info, "low-pass limit (Theorem 1)")
-            + ". "
-            + verdict(info, "lowpass_limit")
-            + ". "
-            + verdict(info, "product_lowpass"),
-            size,
-        )
+        measured = Line2D([], [], color="black", marker="o", ms=2.5, label="measured r_t")
+        bound = Line2D([], [], color="black", ls="--", label="bound s_a^t ||HC z|| / ||DC A^t z||")
+        fig.legend(handles=[measured, bound], loc="outside lower center", ncols=2)
+        heading = _title(info, "low-pass limit (Theorem 1)") + ". "
+        title(fig, heading + verdict(info, "lowpass_limit"), size)
         figures["verify_lowpass"] = Drawn(
             fig,
             (
                 "Low-pass limit (Wang et al. 2022, Theorem 1): r_t = ||HC[A^t z]|| / ||DC[A^t z]|| "
                 "(solid, geometric mean over images and start vectors z, up to the first early "
                 "stop) and its bound s_a^t ||HC z|| / ||DC A^t z|| (dashed) against the power t, "
-                "one panel per layer, colour = head, log y; then the products A_l...A_1 z along "
-                "same-head and random-head paths with the prod s_a bound, and the fitted per-step "
-                "decay rate against s_a (one point per layer and head, dashed: rate = s_a)."
+                "one panel per layer, colour = head, log y."
+            ),
+        )
+    have_products = products is not None and len(products)
+    have_gains = gains is not None and len(gains)
+    if have_products or have_gains:
+        n = bool(have_products) + bool(have_gains)
+        fig, axes = panels(size, n, ncols=1 if size == "column" else n, aspect=0.8, extra=1.2)
+        if have_products:
+            plot_product_lowpass(products, ax=axes[0])
+        if have_gains:
+            plot_decay_rate(gains, ax=axes[-1])
+        heading = _title(info, "products of attention and decay rates") + ". "
+        title(fig, heading + verdict(info, "product_lowpass"), size)
+        figures["verify_products"] = Drawn(
+            fig,
+            (
+                "Corollary of Theorem 1: ||HC|| / ||DC|| of the products A_l...A_1 z along "
+                "same-head and random-head paths with the prod s_a bound (dashed), against the "
+                "number of layers; and the fitted per-step decay rate of r_t against s_a (one "
+                "point per layer and head, colour = layer, dashed: rate = s_a)."
             ),
         )
     if gains is not None and len(gains):
-        fig, axes = panels(size, 1, aspect=0.6, extra=0.6)
+        fig, axes = panels(size, 1, aspect=0.6, extra=1.2)
         plot_gain_bounds(gains, ax=axes[0])
         title(
             fig,
@@ -335,7 +345,7 @@ def verify_figures(result, *, size: str = "page") -> dict[str, Drawn]:
         )
     blocks = data.get("blocks")
     if blocks is not None and len(blocks):
-        fig, axes = panels(size, 2, ncols=1 if size == "column" else 2, aspect=0.75, extra=0.6)
+        fig, axes = panels(size, 2, ncols=1 if size == "column" else 2, aspect=0.75, extra=1.6)
         plot_msa_gain(blocks, ax=axes[0])
         plot_residual_rate(blocks, ax=axes[1])
         title(
@@ -375,8 +385,8 @@ def verify_figures(result, *, size: str = "page") -> dict[str, Drawn]:
             fig,
             (
                 "Synthetic softmax matrices: s_a and ||A||_2 against the logit half-width a, "
-                "colour "
-                "= N, marker = logit family, dashed: the logit bound for each N."
+                "colour = N, marker = logit family, dashed: the logit bound for each N; shared "
+                "rows give a rank-one A, whose s_a is 0 (round-off)."
             ),
         )
     return figures
