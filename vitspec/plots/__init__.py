@@ -17,7 +17,7 @@ from vitspec.plots.spectra import (
     plot_head_map,
     plot_spectrum_map,
 )
-from vitspec.plots.style import SIZES, save, style
+from vitspec.plots.style import SIZES, panels, save, style
 from vitspec.plots.verify import verify_figures
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "compare_figure",
     "compare_figures",
     "overlay_figures",
+    "panels",
     "plot_band",
     "plot_compare",
     "plot_cross_layer",
