@@ -13,8 +13,9 @@ NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
 def _execute(name: str) -> list:
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     start = time.perf_counter()
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    ).execute()
     assert time.perf_counter() - start < 120, "a notebook must run in under two minutes"
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]

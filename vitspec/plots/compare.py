@@ -6,7 +6,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from vitspec.plots.figures import Drawn, _legend, title
+from vitspec.plots.figures import Drawn, _legend, fitted, title
 from vitspec.plots.labels import band_words, define, ylabel
 from vitspec.plots.layers import X_LABELS, plot_band
 from vitspec.plots.style import panels, run_series
@@ -40,6 +40,8 @@ def plot_compare(
         rows = df[df["run"] == label].sort_values("layer")
         plot_band(ax, rows, x, band=band, label=str(label), ms=2.5, **run_series(i))
     ax.set_title(metric)
+    if x == "layer":
+        ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel(X_LABELS.get(x, x))
     ax.set_ylabel(ylabel(metric))
     ax.ticklabel_format(axis="y", useOffset=False)
@@ -94,4 +96,4 @@ def compare_figures(
         f"{info['site']}, attention metrics as the per-image mean over heads. "
         f"{band_words(band, used)}."
     )
-    return {"compare": Drawn(fig, caption)}
+    return fitted({"compare": Drawn(fig, caption)})

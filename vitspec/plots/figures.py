@@ -24,7 +24,14 @@ from vitspec.plots.spectra import (
     plot_head_map,
     plot_spectrum_map,
 )
-from vitspec.plots.style import WIDTHS, panels, run_series
+from vitspec.plots.style import WIDTHS, fit, panels, run_series
+
+
+def fitted(drawn: dict[str, Drawn]) -> dict[str, Drawn]:
+    """Each figure grown so its panels keep their planned height (``style.fit``)."""
+    for d in drawn.values():
+        fit(d.figure)
+    return drawn
 
 
 @dataclass
@@ -57,9 +64,12 @@ def title(fig: Figure, text: str, size: str) -> None:
 
 
 def _legend(fig: Figure, axes, ncols: int = 4) -> None:
+    """One legend below the panels, in as many columns as the labels fit across the width."""
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(ncols, len(labels)))
+        fits = int(fig.get_figwidth() * 13 / (max(map(len, labels)) + 5))
+        ncols = max(1, min(ncols, len(labels), fits))
+        fig.legend(handles, labels, loc="outside lower center", ncols=ncols)
 
 
 def _names(metrics, attn: bool) -> list[str]:
@@ -271,7 +281,7 @@ def run_figures(
                 "one curve per layer, colour = layer; DC in the middle; log y axis."
             ),
         )
-    return out
+    return fitted(out)
 
 
 def overlay_figures(
@@ -356,4 +366,4 @@ def overlay_figures(
                 f"spans: attention sub-blocks where the mid site was measured). {bands}."
             ),
         )
-    return out
+    return fitted(out)

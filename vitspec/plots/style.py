@@ -17,6 +17,7 @@ import io
 import math
 import os
 import tempfile
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +51,7 @@ HEAT_CMAP = "cividis"
 WIDTHS = {"column": 3.5, "page": 7.16}
 SIZES = tuple(WIDTHS)
 DPI = 200
+_PANEL_HEIGHT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def check_size(size: str) -> str:
@@ -154,10 +156,34 @@ def panels(
         aspect *= 0.6
     height = nrows * (width / ncols) * aspect + extra
     fig = Figure(figsize=(width, height), layout="constrained")
+    _PANEL_HEIGHT[fig] = (width / ncols) * aspect
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
     for ax in axes[n:]:
         ax.set_visible(False)
     return fig, axes[:n]
+
+
+def fit(fig: Figure) -> Figure:
+    """Grow ``fig`` until its panels keep the height :func:`panels` planned for them, so that
+    titles, wrapped headings and legends below never squash the data.
+
+    Example:
+        >>> fig, axes = panels("column", 2)
+        >>> fit(fig) is fig
+        True
+    """
+    target = _PANEL_HEIGHT.get(fig)
+    if target is None:
+        return fig
+    for _ in range(3):
+        fig.draw_without_rendering()
+        shown = [ax for ax in fig.axes if ax.get_visible() and ax.get_subplotspec() is not None]
+        rows = {ax.get_subplotspec().rowspan.start for ax in shown}
+        have = min(ax.get_position().height for ax in shown) * fig.get_figheight()
+        if have >= 0.97 * target:
+            break
+        fig.set_figheight(fig.get_figheight() + (target - have) * len(rows) + 0.05)
+    return fig
 
 
 def _replace(path: Path, write) -> None:

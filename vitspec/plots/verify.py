@@ -13,7 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from vitspec.plots.figures import Drawn, title
+from vitspec.plots.figures import Drawn, fitted, title
 from vitspec.plots.style import panels
 
 FAMILY_MARKERS = {"uniform": "o", "peaked": "s", "shared": "^", "two-cluster": "D"}
@@ -389,4 +389,4 @@ def verify_figures(result, *, size: str = "page") -> dict[str, Drawn]:
                 "rows give a rank-one A, whose s_a is 0 (round-off)."
             ),
         )
-    return figures
+    return fitted(figures)
