@@ -236,3 +236,13 @@ def test_page_renders_in_headless_chromium(page, tmp_path):
     with Image.open(shot) as image:
         colours = image.convert("L").getcolors(maxcolors=1 << 16)
     assert colours is None or len(colours) > 20  # text and figures, not a blank page
+
+
+def test_example_report_is_small_and_the_readme_shows_two_of_its_figures():
+    root = Path(__file__).parents[1]
+    report = root / "reports" / "toy_scaling" / "report"
+    assert (report / "report.html").exists()
+    assert sum(p.stat().st_size for p in report.rglob("*") if p.is_file()) < 5_000_000
+    readme = (root / "README.md").read_text()
+    shown = re.findall(r"\]\((reports/toy_scaling/report/[^)]+\.png)\)", readme)
+    assert len(shown) >= 2 and all((root / p).exists() for p in shown)
