@@ -72,7 +72,6 @@ def analyze(
     pipeline: bool = True,
     out: str | Path | None = None,
     overwrite: bool = False,
-    figures: bool = True,
 ) -> Result:
     """Capture every block's tokens and attention on a set of images and reduce them to metrics.
 
@@ -114,10 +113,10 @@ def analyze(
             the file); refused otherwise, naming the type it holds.
         pipeline: on CPU, compute the metrics on two worker threads (token sites, attention)
             that overlap the forward pass (same results; ``False`` runs them in the hooks).
-        out: also write the run folder there (as :meth:`Result.save`), claimed before the
-            work: an unwritable or occupied location fails at once, not after the analysis.
+        out: also write the run folder there (as :meth:`Result.save`; ``vitspec.report(out)``
+            draws its figures), claimed before the work: an unwritable or occupied location
+            fails at once, not after the analysis.
         overwrite: replace a previous vitspec output at ``out`` (never anything else).
-        figures: with ``out``, also draw the figures.
 
     Returns:
         A ``Result`` with ``.metrics`` and ``.spectra`` DataFrames and ``.info`` provenance.
@@ -152,6 +151,7 @@ def analyze(
             session,
             specs,
             sites,
+            asked=metrics is not None,
             label=label,
             progress=progress,
             warn=warn,
@@ -159,7 +159,7 @@ def analyze(
             pipeline=pipeline,
         )
         if tmp is not None:
-            result.write(tmp, figures=figures)
+            result.write(tmp)
     return result
 
 
@@ -168,6 +168,7 @@ def _measure(
     specs: list[MetricSpec],
     sites: tuple[str, ...],
     *,
+    asked: bool,
     label,
     progress,
     warn,
@@ -177,6 +178,7 @@ def _measure(
     """Run the two metric consumers over the session and tabulate."""
     adapter = session.adapter
     specs, not_scheduled = schedule(specs, available_sites(adapter), adapter.unavailable(), warn)
+    specs = _class_and_distillation(specs, session.net, not_scheduled, warn if asked else None)
 
     # Two consumers, token sites and attention maps: they share no state, so on CPU each runs on
     # its own worker lane beside the forward pass, keeping both cores busy.
@@ -215,6 +217,21 @@ def _measure(
         **session.timing(done.used, done.wall),
     }
     return Result(metrics=table, spectra=spectra, info=info)
+
+
+def _class_and_distillation(specs, net, unavailable: Unavailable, warn) -> list[MetricSpec]:
+    """Drop the metrics defined only for a class and a distillation token (``cls_dist_cos``)
+    when the model has no distillation token; the reason goes to ``unavailable`` (and to
+    ``warn`` when given: the metric was asked for by name)."""
+    if getattr(net, "dist_token", None) is not None:
+        return specs
+    why = "defined for models with a class and a distillation token (distilled DeiT)"
+    gone = Unavailable(warn)
+    for spec in specs:
+        if "class_and_distillation" in spec.needs:
+            gone.add(spec.name, why)
+    unavailable.update(gone)
+    return [s for s in specs if s.name not in gone]
 
 
 def schedule(

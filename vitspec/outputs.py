@@ -85,8 +85,13 @@ def read_manifest(folder: str | Path) -> dict | None:
         >>> read_manifest(".") is None
         True
     """
+    found = _manifest(Path(folder))
+    return found[1] if found else None
+
+
+def _manifest(folder: Path) -> tuple[Path, dict] | None:
     for name in MANIFESTS:
-        path = Path(folder) / name
+        path = folder / name
         if not path.is_file():
             continue
         try:
@@ -94,7 +99,7 @@ def read_manifest(folder: str | Path) -> dict | None:
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and data.get("written_by") == WRITTEN_BY:
-            return data
+            return path, data
     return None
 
 
@@ -189,6 +194,20 @@ def atomic_dir(out: str | Path, overwrite: bool = False, protect: Iterable = ())
     """
     with OutputDir(out, overwrite=overwrite, protect=protect) as tmp:
         yield tmp
+
+
+def record_files(folder: str | Path, paths: Iterable) -> None:
+    """Add files vitspec just wrote into a folder it wrote before (``vitspec report RUN``
+    drawing a run's figures) to its manifest, so ``overwrite`` may replace them later. A folder
+    without a vitspec manifest (a temporary folder not yet sealed) is left alone."""
+    folder = Path(folder)
+    found = _manifest(folder)
+    if found is None:
+        return
+    path, data = found
+    names = {Path(p).relative_to(folder).parts[0] for p in paths}
+    data["files"] = sorted(set(data.get("files", [])) | names)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _exit_on_signal(signum, _frame) -> None:

@@ -84,26 +84,23 @@ class Result:
             df = df[df["head"] == head]
         return df.reset_index(drop=True)
 
-    def save(self, out: str | Path, *, overwrite: bool = False, figures: bool = True) -> Path:
-        """Write metrics.csv, spectra.csv, run.json (and figures) into ``out``, all or nothing.
+    def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
+        """Write metrics.csv, spectra.csv and run.json into ``out``, all or nothing.
 
         Everything is written to a temporary sibling directory that is renamed into place at the
         end, so an interrupted or failed save leaves no half-written run directory; ``overwrite``
-        replaces only a previous vitspec output (see :mod:`vitspec.outputs`).
+        replaces only a previous vitspec output (see :mod:`vitspec.outputs`). The folder holds
+        data only; ``vitspec.report(out)`` draws its figures from it.
         """
         with atomic_dir(out, overwrite) as tmp:
-            self.write(tmp, figures=figures)
+            self.write(tmp)
         return Path(out)
 
-    def write(self, folder: Path, *, figures: bool = True) -> None:
+    def write(self, folder: Path) -> None:
         """Write the run's files into an existing (temporary) folder."""
         self.metrics.to_csv(folder / "metrics.csv", index=False, float_format="%.10g")
         self.spectra.to_csv(folder / "spectra.csv", index=False, float_format="%.10g")
         (folder / "run.json").write_text(json.dumps(self.info, indent=2, default=str) + "\n")
-        if figures:
-            from vitspec.plots import save_run_figures
-
-            save_run_figures(self, folder)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Result:

@@ -37,7 +37,7 @@ KINDS = ("token", "token_curve", "attn", "attn_curve")
 #: what a metric may need beyond its site: ``prev_layer`` (the previous layer's attention on the
 #: same tokens), ``nonnegative`` (attention without negative entries), ``square`` (an N x N
 #: pattern over one token set; non-square patterns get only the metrics without it).
-NEEDS = ("prev_layer", "nonnegative", "square")
+NEEDS = ("prev_layer", "nonnegative", "square", "class_and_distillation")
 
 #: the sites each kind reads (names of :mod:`vitspec.sites`)
 KIND_SITES = {
@@ -63,7 +63,8 @@ class MetricSpec:
         needs: among :data:`NEEDS`. AttnScale's ``A' = J + (1 + w)(A - J)`` keeps rows summing
             to 1 but has negative entries where ``w > 0`` and ``A_ij < w / ((1 + w) N)``, so
             ``attn_entropy`` needs ``nonnegative``; the other attention metrics are defined for
-            any real square matrix.
+            any real square matrix. ``class_and_distillation``: defined only for models whose
+            two prefix tokens are a class and a distillation token (distilled DeiT).
     """
 
     name: str
@@ -295,3 +296,12 @@ _BUILTIN = [
 for _name, _kind, _formula, _source, _fn, _needs in _BUILTIN:
     register_metric(_name, _kind, _formula, _source, needs=_needs)(_fn)
 del _name, _kind, _formula, _source, _fn, _needs
+
+# Added metrics (docs/metrics.md, "Added metrics")
+register_metric(
+    "cls_dist_cos",
+    "token",
+    "cos(x_cls, x_dist), the class and distillation tokens (distilled DeiT only)",
+    "Touvron et al. 2021",
+    needs=("class_and_distillation",),
+)(F.cls_dist_cos)

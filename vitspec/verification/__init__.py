@@ -62,7 +62,6 @@ def verify(
     trust_checkpoint: bool = False,
     out: str | Path | None = None,
     overwrite: bool = False,
-    figures: bool = True,
 ) -> VerifyResult:
     """Run every check of docs/verify.md on a model's attention (streamed over images), or on the
     synthetic suite (``synthetic=True``, no model).
@@ -85,7 +84,7 @@ def verify(
             LAPACK calls (SVDs of N x N matrices, batched by looping), which intra-op threads
             barely speed up and which slow down many-fold when the cores are shared.
         progress, warn, log: as in ``analyze``.
-        out, overwrite, figures: also write the folder there (as :meth:`VerifyResult.save`),
+        out, overwrite: also write the folder there (as :meth:`VerifyResult.save`),
             claimed before the work; ``overwrite`` replaces only a previous vitspec output.
 
     Returns:
@@ -122,7 +121,7 @@ def verify(
                                 progress=progress, warn=warn or stderr_warn, log=log,
                                 start=start)
             if tmp is not None:
-                result.write(tmp, figures=figures)
+                result.write(tmp)
         return result
     finally:
         torch.set_num_threads(saved)
