@@ -31,7 +31,7 @@ def images(n, seed):
 
 
 def consumers():
-    specs = list_metrics()
+    specs = [s for s in list_metrics() if s.default]
     tokens = Collector([s for s in specs if s.kind.startswith("token")], ("embed", "block"))
     attn = Collector([s for s in specs if s.kind.startswith("attn")])
     return tokens, attn

@@ -29,10 +29,16 @@ from vitspec.sites import Unavailable
 
 
 def select_metrics(patterns: str | Sequence[str] | None) -> list[MetricSpec]:
-    """Metrics whose names match any of the comma-separated fnmatch patterns (default: all)."""
+    """Metrics whose names match any of the comma-separated fnmatch patterns (default: every
+    metric of the contract; ``cls_dist_cos`` is measured when asked for).
+
+    Example:
+        >>> [s.name for s in select_metrics("hc_*")]
+        ['hc_dc_ratio', 'hc_energy']
+    """
     specs = list_metrics()
     if patterns is None:
-        return specs
+        return [s for s in specs if s.default]
     if isinstance(patterns, str):
         patterns = [p.strip() for p in patterns.split(",") if p.strip()]
     chosen = [s for s in specs if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
@@ -225,7 +231,10 @@ def _class_and_distillation(specs, net, unavailable: Unavailable, warn) -> list[
     ``warn`` when given: the metric was asked for by name)."""
     if getattr(net, "dist_token", None) is not None:
         return specs
-    why = "defined for models with a class and a distillation token (distilled DeiT)"
+    why = (
+        "defined for 2 prefix tokens, a class and a distillation token (distilled DeiT); this "
+        f"model has {getattr(net, 'num_prefix_tokens', 0)} and no distillation token"
+    )
     gone = Unavailable(warn)
     for spec in specs:
         if "class_and_distillation" in spec.needs:

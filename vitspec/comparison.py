@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from vitspec.errors import VitspecError, option
-from vitspec.outputs import OutputDir, atomic_dir
+from vitspec.outputs import OutputDir, atomic_dir, read_info
 from vitspec.results import Result
 
 TOKEN_SITES = ("embed", "mid", "block")
@@ -113,7 +113,7 @@ class ComparisonResult:
         return cls(
             table=pd.read_csv(out / "table.csv", **read),
             differences=pd.read_csv(out / "differences.csv", **read),
-            info=json.loads((out / "compare.json").read_text()),
+            info=read_info(out / "compare.json"),
         )
 
 

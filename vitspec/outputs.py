@@ -196,6 +196,13 @@ def atomic_dir(out: str | Path, overwrite: bool = False, protect: Iterable = ())
         yield tmp
 
 
+def read_info(path: str | Path) -> dict:
+    """A manifest file's content without the folder's own keys (``written_by``, ``files``): the
+    result's provenance as it was before saving."""
+    data = json.loads(Path(path).read_text())
+    return {k: v for k, v in data.items() if k not in ("written_by", "files")}
+
+
 def record_files(folder: str | Path, paths: Iterable) -> None:
     """Add files vitspec just wrote into a folder it wrote before (``vitspec report RUN``
     drawing a run's figures) to its manifest, so ``overwrite`` may replace them later. A folder

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from vitspec.errors import VitspecError
-from vitspec.outputs import atomic_dir
+from vitspec.outputs import atomic_dir, read_info
 
 METRIC_COLUMNS = [
     "run",
@@ -118,7 +118,7 @@ class Result:
         spectra = pd.read_csv(
             run_dir / "spectra.csv", dtype=dtypes, keep_default_na=False, na_values=[""]
         )
-        info = json.loads((run_dir / "run.json").read_text())
+        info = read_info(run_dir / "run.json")
         return cls(metrics=metrics, spectra=spectra, info=info)
 
 

@@ -65,6 +65,8 @@ class MetricSpec:
             ``attn_entropy`` needs ``nonnegative``; the other attention metrics are defined for
             any real square matrix. ``class_and_distillation``: defined only for models whose
             two prefix tokens are a class and a distillation token (distilled DeiT).
+        default: part of the default selection (``metrics=None``); the contract's metrics are,
+            ``cls_dist_cos`` is asked for by name.
     """
 
     name: str
@@ -74,6 +76,7 @@ class MetricSpec:
     source: str
     sites: tuple[str, ...] = ()
     needs: frozenset[str] = frozenset()
+    default: bool = True
 
     @property
     def needs_prev(self) -> bool:
@@ -97,6 +100,7 @@ def register_metric(
     *,
     sites: tuple[str, ...] | None = None,
     needs: tuple[str, ...] = (),
+    default: bool = True,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn`` under ``name``; returns ``fn`` unchanged.
 
@@ -104,6 +108,8 @@ def register_metric(
         name, kind, formula, source: see :class:`MetricSpec`.
         sites: the sites it reads (default: those of its kind, :data:`KIND_SITES`).
         needs: among :data:`NEEDS`.
+        default: measured when no metrics are named; False: only when asked for (by name or
+            pattern), like the added metrics that apply to one family only.
 
     Example:
         >>> @register_metric("my_norm", "token", "||X||_F", "doc example")
@@ -124,7 +130,9 @@ def register_metric(
         old = _REGISTRY.get(name)
         if old is not None and old.fn is not fn:
             raise VitspecError(f"metric {name!r} is already registered (by {old.fn.__module__})")
-        _REGISTRY[name] = MetricSpec(name, kind, fn, formula, source, sites, frozenset(needs))
+        _REGISTRY[name] = MetricSpec(
+            name, kind, fn, formula, source, sites, frozenset(needs), default
+        )
         return fn
 
     return decorator
@@ -304,4 +312,5 @@ register_metric(
     "cos(x_cls, x_dist), the class and distillation tokens (distilled DeiT only)",
     "Touvron et al. 2021",
     needs=("class_and_distillation",),
+    default=False,
 )(F.cls_dist_cos)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from vitspec.errors import VitspecError
-from vitspec.outputs import atomic_dir
+from vitspec.outputs import atomic_dir, read_info
 from vitspec.verification.checks import PREMISE_TOL, RECON_TOL, RTOL
 from vitspec.verification.tally import PREMISE, Tallies, Tally  # noqa: F401 (re-exported)
 
@@ -205,7 +205,7 @@ class VerifyResult:
         df = pd.read_csv(out / "verify.csv", dtype={"layer": "Int64", "head": "Int64"},
                          keep_default_na=False, na_values=[""])
         df["reason"] = df["reason"].astype(object).fillna("")
-        info = json.loads((out / "verify.json").read_text())
+        info = read_info(out / "verify.json")
         data = {k: pd.DataFrame(v) for k, v in info.pop("figure_data", {}).items()}
         return cls(table=df, info=info, figure_data=data)
 
