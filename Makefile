@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test lint bench clean
+.PHONY: demo report test lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/vitspec analyze deit_small --random-init --out runs/demo --overwrite
+
+# The example report: figures and report.html from the trained digits toy runs (experiments/toy_scaling.py)
+TOY := reports/toy_scaling
+report: $(VENV)/.installed
+	$(VENV)/bin/vitspec report $(TOY)/baseline $(TOY)/attnscale $(TOY)/featscale $(TOY)/compare \
+		--size column --out $(TOY)/report --overwrite
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest

@@ -129,4 +129,6 @@ def test_verify_model_with_brackets_equals_the_exact_path(monkeypatch):
     assert fast.info["tokens"] == 257
     cols = ["check", "layer", "head", "status", "cases", "violations"]
     pd.testing.assert_frame_equal(fast.table[cols], exact.table[cols])
-    np.testing.assert_allclose(fast.figure_data["gains"]["s_a"], exact.figure_data["gains"]["s_a"], rtol=1e-9)
+    np.testing.assert_allclose(
+        fast.figure_data["gains"]["s_a"], exact.figure_data["gains"]["s_a"], rtol=1e-9
+    )

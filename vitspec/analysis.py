@@ -31,10 +31,16 @@ from vitspec.sites import Unavailable
 
 
 def select_metrics(patterns: str | Sequence[str] | None) -> list[MetricSpec]:
-    """Metrics whose names match any of the comma-separated fnmatch patterns (default: all)."""
+    """Metrics whose names match any of the comma-separated fnmatch patterns (default: every
+    metric of the contract; ``cls_dist_cos`` is measured when asked for).
+
+    Example:
+        >>> [s.name for s in select_metrics("hc_*")]
+        ['hc_dc_ratio', 'hc_energy']
+    """
     specs = list_metrics()
     if patterns is None:
-        return specs
+        return [s for s in specs if s.default]
     if isinstance(patterns, str):
         patterns = [p.strip() for p in patterns.split(",") if p.strip()]
     chosen = [s for s in specs if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
@@ -74,7 +80,6 @@ def analyze(
     pipeline: bool = True,
     out: str | Path | None = None,
     overwrite: bool = False,
-    figures: bool = True,
     shard: str | tuple[int, int] | None = None,
 ) -> Result:
     """Capture every block's tokens and attention on a set of images and reduce them to metrics.
@@ -118,10 +123,10 @@ def analyze(
         pipeline: on CPU, run whole batches on one worker thread per torch thread, each
             with its own collectors merged at the end (:func:`vitspec.engine.run`; the same
             results to ~1e-16); ``False`` runs the metrics in the hooks of one forward loop.
-        out: also write the run folder there (as :meth:`Result.save`), claimed before the
-            work: an unwritable or occupied location fails at once, not after the analysis.
+        out: also write the run folder there (as :meth:`Result.save`; ``vitspec.report(out)``
+            draws its figures), claimed before the work: an unwritable or occupied location
+            fails at once, not after the analysis.
         overwrite: replace a previous vitspec output at ``out`` (never anything else).
-        figures: with ``out``, also draw the figures.
         shard: ``"K/N"``: analyse only part K of N of the batches (batch b when b mod N = K;
             :mod:`vitspec.shards`) and keep the mergeable state (``Result.state``, written as
             state.pt). Under ``torchrun`` each rank is a shard by itself: the states are
@@ -172,6 +177,7 @@ def analyze(
             session,
             specs,
             sites,
+            asked=metrics is not None,
             label=label,
             progress=progress,
             warn=warn,
@@ -181,7 +187,7 @@ def analyze(
         if ranks is not None:
             result = gather_ranks(result)
         if tmp is not None:
-            result.write(tmp, figures=figures)
+            result.write(tmp)
     return result
 
 
@@ -198,6 +204,7 @@ def _measure(
     specs: list[MetricSpec],
     sites: tuple[str, ...],
     *,
+    asked: bool,
     label,
     progress,
     warn,
@@ -207,6 +214,7 @@ def _measure(
     """Run the two metric consumers over the session and tabulate."""
     adapter = session.adapter
     specs, not_scheduled = schedule(specs, available_sites(adapter), adapter.unavailable(), warn)
+    specs = _class_and_distillation(specs, session.net, not_scheduled, warn if asked else None)
 
     # Two consumers, token sites and attention maps: they share no state, so on CPU each runs on
     # its own worker lane beside the forward pass, keeping both cores busy.
@@ -252,6 +260,24 @@ def _measure(
             info["images"]["files"] = [files[i] for i in session.batches.image_indices]
         state = {"tokens": plain_state(tokens.state()), "attn": plain_state(attn.state())}
     return Result(metrics=table, spectra=spectra, info=info, state=state)
+
+
+def _class_and_distillation(specs, net, unavailable: Unavailable, warn) -> list[MetricSpec]:
+    """Drop the metrics defined only for a class and a distillation token (``cls_dist_cos``)
+    when the model has no distillation token; the reason goes to ``unavailable`` (and to
+    ``warn`` when given: the metric was asked for by name)."""
+    if getattr(net, "dist_token", None) is not None:
+        return specs
+    why = (
+        "defined for 2 prefix tokens, a class and a distillation token (distilled DeiT); this "
+        f"model has {getattr(net, 'num_prefix_tokens', 0)} and no distillation token"
+    )
+    gone = Unavailable(warn)
+    for spec in specs:
+        if "class_and_distillation" in spec.needs:
+            gone.add(spec.name, why)
+    unavailable.update(gone)
+    return [s for s in specs if s.name not in gone]
 
 
 def schedule(

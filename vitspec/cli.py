@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from vitspec.errors import VitspecError, cli_names
-from vitspec.outputs import OutputDir, check_out_dir
+from vitspec.outputs import OutputDir, seal
 
 INDEX = "index.json"  # the run folders of a several-checkpoint analyze
 
@@ -40,7 +40,8 @@ def _analyze(args: argparse.Namespace) -> int:
         from vitspec.analysis import analyze
 
         result = analyze(args.model, **_analyze_options(args, label), **_messages(args))
-        result.write(tmp, figures=not args.no_figures)
+        result.write(tmp)
+        _draw(tmp, args)
     info = result.info
     part = f" (shard {shard}, state.pt for vitspec merge)" if shard else ""
     _say(
@@ -102,7 +103,9 @@ def _analyze_many(args: argparse.Namespace, ckpts: list[str]) -> int:
             args.ckpt = ckpt
             result = analyze(args.model, **_analyze_options(args, stem), **_messages(args))
             (tmp / stem).mkdir()
-            result.write(tmp / stem, figures=not args.no_figures)
+            result.write(tmp / stem)
+            _draw(tmp / stem, args)
+            seal(tmp / stem)
             runs.append({"folder": stem, "run": result.info["run"], "checkpoint": ckpt})
             _say(args, f"{ckpt}: {result.info['images']['used']} images -> {out / stem}/")
         index = {"kind": "vitspec checkpoints", "model": args.model, "runs": runs}
@@ -112,12 +115,12 @@ def _analyze_many(args: argparse.Namespace, ckpts: list[str]) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    check_out_dir(args.out, args.overwrite, protect=args.shard_dirs)
-    from vitspec.merge import merge_runs
+    with OutputDir(args.out, overwrite=args.overwrite, protect=args.shard_dirs) as tmp:
+        from vitspec.merge import merge_runs
 
-    result = merge_runs(
-        args.shard_dirs, args.out, overwrite=args.overwrite, figures=not args.no_figures
-    )
+        result = merge_runs(args.shard_dirs)
+        result.write(tmp)
+        _draw(tmp, args)
     _say(
         args,
         f"{len(args.shard_dirs)} shards, {result.info['images']['used']} images -> {args.out}/",
@@ -174,19 +177,20 @@ def _messages(args: argparse.Namespace, quiet: bool = False) -> dict:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    check_out_dir(args.out, args.overwrite, protect=args.run_dirs)
-    from vitspec.comparison import compare
+    with OutputDir(args.out, overwrite=args.overwrite, protect=args.run_dirs) as tmp:
+        from vitspec.comparison import compare
 
-    result = compare(
-        args.run_dirs,
-        args.out,
-        metrics=args.metrics,
-        site=args.site,
-        x=args.x,
-        labels=args.labels,
-        overwrite=args.overwrite,
-        allow_different_images=args.allow_different_images,
-    )
+        result = compare(
+            args.run_dirs,
+            None,
+            metrics=args.metrics,
+            site=args.site,
+            x=args.x,
+            labels=args.labels,
+            allow_different_images=args.allow_different_images,
+        )
+        result.write(tmp)
+        _draw(tmp, args)
     if result.info["images_differ"]:
         _say(args, f"the runs used different images: {result.info['images_differ']}")
     for name, have in result.info["not_in_every_run"].items():
@@ -194,8 +198,28 @@ def _compare(args: argparse.Namespace) -> int:
     _say(
         args,
         f"{len(result.labels)} runs, {len(result.metrics)} metrics, x = {result.info['x']}"
-        f" -> {args.out}/ (compare.png, compare.pdf, differences.csv, compare.json)",
+        f" -> {args.out}/ (compare.png, compare.pdf, table.csv, differences.csv, compare.json)",
     )
+    return 0
+
+
+def _draw(folder: Path, args: argparse.Namespace) -> None:
+    """Figures from the tables just written into the (temporary) output folder."""
+    if getattr(args, "no_figures", False):
+        return
+    from vitspec.reporting import draw
+
+    draw(folder)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from vitspec.reporting import report
+
+    page = report(
+        args.folders, args.out, size=args.size, band=args.band, overwrite=args.overwrite
+    )
+    figures = len(list(page.parent.rglob("*.png")))
+    _say(args, f"{len(args.folders)} folders -> {page} ({figures} figures, PNG + PDF)")
     return 0
 
 
@@ -253,7 +277,8 @@ def _verify(args: argparse.Namespace) -> int:
             threads=args.threads,
             **_messages(args),
         )
-        result.write(tmp, figures=not args.no_figures)
+        result.write(tmp)
+        _draw(tmp, args)
     for line in result.summary_lines(None if not args.quiet else "fail"):
         print(f"vitspec: {line}", file=sys.stderr)
     failed = result.info["summary"]["failed_checks"]
@@ -450,6 +475,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-figures", action="store_true", help="write the tables only")
     _add_common(p)
     p.set_defaults(func=_verify)
+
+    p = sub.add_parser(
+        "report",
+        help="figures and one self-contained HTML page from saved folders",
+        description="Draw the figures (PNG 200 dpi + PDF) of analyze runs, verify runs and "
+        "compare folders and write report.html (figures embedded, provenance, summary tables). "
+        "With one folder and no --out, the figures are drawn into that folder.",
+    )
+    p.add_argument(
+        "folders", nargs="+", metavar="DIR", help="analyze run, verify run or compare folders"
+    )
+    p.add_argument("--out", metavar="DIR", help="output folder (required with several folders)")
+    p.add_argument(
+        "--size",
+        choices=("column", "page"),
+        default="page",
+        help="figure width: column (3.5 in) or page (7.16 in) (default page)",
+    )
+    p.add_argument(
+        "--band",
+        choices=("sd", "se"),
+        default="sd",
+        help="band around the mean: sd over images or se of the mean (default sd)",
+    )
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    _add_common(p)
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("metrics", help="list the metrics with their formulas and sources")
     p.add_argument("pattern", nargs="?", default="*", help="name pattern, e.g. 'attn_*'")

@@ -9,7 +9,6 @@ difference.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from vitspec.collect import PRE, Collector, rows
 from vitspec.errors import VitspecError
 from vitspec.metrics import get_metric, list_metrics
+from vitspec.outputs import read_info
 from vitspec.results import METRIC_COLUMNS, SPECTRA_COLUMNS, Result, moments_frame, validate
 from vitspec.shards import collector_state, load_state
 
@@ -54,7 +54,6 @@ def merge_runs(
     out: str | Path | None = None,
     *,
     overwrite: bool = False,
-    figures: bool = True,
 ) -> Result:
     """Merge shard folders into one run (written to ``out`` when given).
 
@@ -68,12 +67,12 @@ def merge_runs(
         path = Path(folder)
         if not (path / "run.json").is_file():
             raise VitspecError(f"{folder} is not a vitspec run folder (no run.json)")
-        info = json.loads((path / "run.json").read_text())
+        info = read_info(path / "run.json")
         info["_folder"] = str(path)
         parts.append((info, load_state(path)))
     result = merge_parts(parts)
     if out is not None:
-        result.save(out, overwrite=overwrite, figures=figures)
+        result.save(out, overwrite=overwrite)
     return result
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from vitspec.errors import VitspecError
-from vitspec.outputs import atomic_dir
+from vitspec.outputs import atomic_dir, read_info
 
 METRIC_COLUMNS = [
     "run",
@@ -87,18 +87,19 @@ class Result:
             df = df[df["head"] == head]
         return df.reset_index(drop=True)
 
-    def save(self, out: str | Path, *, overwrite: bool = False, figures: bool = True) -> Path:
-        """Write metrics.csv, spectra.csv, run.json (and figures) into ``out``, all or nothing.
+    def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
+        """Write metrics.csv, spectra.csv and run.json into ``out``, all or nothing.
 
         Everything is written to a temporary sibling directory that is renamed into place at the
         end, so an interrupted or failed save leaves no half-written run directory; ``overwrite``
-        replaces only a previous vitspec output (see :mod:`vitspec.outputs`).
+        replaces only a previous vitspec output (see :mod:`vitspec.outputs`). The folder holds
+        data only; ``vitspec.report(out)`` draws its figures from it.
         """
         with atomic_dir(out, overwrite) as tmp:
-            self.write(tmp, figures=figures)
+            self.write(tmp)
         return Path(out)
 
-    def write(self, folder: Path, *, figures: bool = True) -> None:
+    def write(self, folder: Path) -> None:
         """Write the run's files into an existing (temporary) folder."""
         self.metrics.to_csv(folder / "metrics.csv", index=False, float_format="%.10g")
         self.spectra.to_csv(folder / "spectra.csv", index=False, float_format="%.10g")
@@ -107,10 +108,6 @@ class Result:
             from vitspec.shards import save_state
 
             save_state(folder, self.state)
-        if figures:
-            from vitspec.plots import save_run_figures
-
-            save_run_figures(self, folder)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Result:
@@ -128,7 +125,7 @@ class Result:
         spectra = pd.read_csv(
             run_dir / "spectra.csv", dtype=dtypes, keep_default_na=False, na_values=[""]
         )
-        info = json.loads((run_dir / "run.json").read_text())
+        info = read_info(run_dir / "run.json")
         return cls(metrics=metrics, spectra=spectra, info=info)
 
 

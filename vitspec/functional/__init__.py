@@ -24,6 +24,7 @@ from vitspec.functional.linalg import (
     top_singular_value_exact,
 )
 from vitspec.functional.tokens import (
+    cls_dist_cos,
     dlogamp,
     dlogamp_hf,
     erank,
@@ -46,6 +47,7 @@ __all__ = [
     "attn_hc_gain",
     "attn_spectrum",
     "attn_view",
+    "cls_dist_cos",
     "dlogamp",
     "dlogamp_hf",
     "double_centre",

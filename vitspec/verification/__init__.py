@@ -62,7 +62,6 @@ def verify(
     trust_checkpoint: bool = False,
     out: str | Path | None = None,
     overwrite: bool = False,
-    figures: bool = True,
 ) -> VerifyResult:
     """Run every check of docs/verify.md on a model's attention (streamed over images), or on the
     synthetic suite (``synthetic=True``, no model).
@@ -85,7 +84,7 @@ def verify(
             worker threads of one core each (batch i to thread i mod threads, its test vectors
             seeded by i), so the result does not depend on the thread count.
         progress, warn, log: as in ``analyze``.
-        out, overwrite, figures: also write the folder there (as :meth:`VerifyResult.save`),
+        out, overwrite: also write the folder there (as :meth:`VerifyResult.save`),
             claimed before the work; ``overwrite`` replaces only a previous vitspec output.
 
     Returns:
@@ -122,7 +121,7 @@ def verify(
                                 progress=progress, warn=warn or stderr_warn, log=log,
                                 start=start)
             if tmp is not None:
-                result.write(tmp, figures=figures)
+                result.write(tmp)
         return result
     finally:
         torch.set_num_threads(saved)
