@@ -237,4 +237,4 @@ def _column_pair_energy(a: Tensor) -> Tensor:
         a = torch.cat([a, a.new_zeros(b, n, 1)], dim=-1)
     z = torch.view_as_complex(a.reshape(b, n, -1, 2))
     f = torch.fft.fft(z.mT, dim=-1)  # [b, pairs, N (k)]: transforms along contiguous memory
-    return f.abs().square().sum(dim=1).to(torch.float64)
+    return torch.view_as_real(f).square().sum(dim=(1, 3)).to(torch.float64)
