@@ -80,11 +80,16 @@ def _names(metrics, attn: bool) -> list[str]:
     return sorted(names, key=lambda n: (n.startswith("pre_"), rank.get(n.removeprefix("pre_"), 0)))
 
 
+def _on_block(metrics, name: str, sites=("embed", "block", "attn")) -> bool:
+    """The metric has rows at the block-output sites (or as attention rows)."""
+    return bool(((metrics["metric"] == name) & metrics["site"].isin(sites)).any())
+
+
 def _sites_words(metrics) -> str:
     sites = [s for s in ("block", "mid") if (metrics["site"] == s).any()]
     words = [SITES[s] for s in sites]
     if (metrics["site"] == "embed").any():
-        words[0] += "; layer 0 = " + SITES["embed"]
+        words.append(("layer 0 = " if "block" in sites else "") + SITES["embed"])
     return "; ".join(words)
 
 
@@ -123,7 +128,7 @@ def run_figures(
             f"Token metrics against layer. {'; '.join(map(define, names))}. "
             f"Sites: {sites}. {bands}.",
         )
-    cos = [x for x in ("patch_cos_abs", "attn_cos") if (metrics["metric"] == x).any()]
+    cos = [x for x in ("patch_cos_abs", "attn_cos") if _on_block(metrics, x)]
     if cos:
         fig, axes = panels(size, len(cos), aspect=0.8, extra=0.3)
         for ax, name in zip(axes, cos):
@@ -169,14 +174,17 @@ def run_figures(
                     "log colour scale."
                 ),
             )
-    if not curve_rows(result.spectra, "dlogamp", ("embed", "block", "mid")).empty:
-        mid = not curve_rows(result.spectra, "dlogamp", ("mid",)).empty
-        fig, axes = panels(size, 1 + mid, ncols=1 + mid, aspect=0.75, extra=0.3)
-        plot_dlogamp(axes[0], result)
-        if mid:
-            plot_dlogamp(axes[1], result, sites=("mid",))
-            axes[1].set_title("mid (after attention)")
-            axes[0].set_title("block (0 = embed)")
+    dl = [
+        sites
+        for sites in (("embed", "block"), ("mid",))
+        if not curve_rows(result.spectra, "dlogamp", sites).empty
+    ]
+    if dl:
+        fig, axes = panels(size, len(dl), ncols=len(dl), aspect=0.75, extra=0.3)
+        for ax, sites in zip(axes, dl):
+            plot_dlogamp(ax, result, sites=sites)
+            if len(dl) > 1:
+                ax.set_title("mid (after attention)" if sites == ("mid",) else "block (0 = embed)")
         title(fig, f"{head}: relative log amplitude (Park & Kim Fig. 2a)", size)
         out["dlogamp"] = Drawn(
             fig,
@@ -190,7 +198,7 @@ def run_figures(
                 "the 0..π axis."
             ),
         )
-    if (metrics["metric"] == "dlogamp_hf").any():
+    if _on_block(metrics, "dlogamp_hf") or _on_block(metrics, "dlogamp_hf", ("mid",)):
         fig, axes = panels(size, 1, aspect=0.55, extra=0.3)
         shaded = plot_dlogamp_hf(axes[0], result, band=band)
         title(fig, f"{head}: high-frequency log amplitude vs depth (Park & Kim Fig. 8)", size)
@@ -210,7 +218,7 @@ def run_figures(
                 + f"{bands}."
             ),
         )
-    if (metrics["metric"] == "rank_residual").any():
+    if _on_block(metrics, "rank_residual"):
         fig, axes = panels(size, 1, aspect=0.55, extra=0.3)
         plot_runs(axes[0], {label: result}, "rank_residual", band=band, log=True)
         title(fig, f"{head}: distance to rank 1 (Dong et al.)", size)
@@ -301,7 +309,7 @@ def overlay_figures(
     shared = [
         n
         for n in _names(next(iter(runs.values())).metrics, attn=False)
-        if n != "dlogamp" and all((r.metrics["metric"] == n).any() for r in runs.values())
+        if n != "dlogamp" and all(_on_block(r.metrics, n) for r in runs.values())
     ]
     out: dict[str, Drawn] = {}
     xs = "layer" if x == "layer" else "normalised depth (runs of different depths)"
@@ -321,7 +329,7 @@ def overlay_figures(
     cos = [
         c
         for c in ("patch_cos_abs", "attn_cos")
-        if all((r.metrics["metric"] == c).any() for r in runs.values())
+        if all(_on_block(r.metrics, c) for r in runs.values())
     ]
     if cos:
         fig, axes = panels(size, len(cos), aspect=0.8, extra=0.5)
