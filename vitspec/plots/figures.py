@@ -27,13 +27,6 @@ from vitspec.plots.spectra import (
 from vitspec.plots.style import WIDTHS, fit, panels, run_series
 
 
-def fitted(drawn: dict[str, Drawn]) -> dict[str, Drawn]:
-    """Each figure grown so its panels keep their planned height (``style.fit``)."""
-    for d in drawn.values():
-        fit(d.figure)
-    return drawn
-
-
 @dataclass
 class Drawn:
     """A figure and the one-paragraph caption that says what it shows and how."""
@@ -42,8 +35,15 @@ class Drawn:
     caption: str
 
 
+def fitted(drawn: dict[str, Drawn]) -> dict[str, Drawn]:
+    """Each figure grown so its panels keep their planned height (``style.fit``)."""
+    for d in drawn.values():
+        fit(d.figure)
+    return drawn
+
+
 def header(info: dict, label: str | None = None) -> str:
-    """``"base (vit_tiny) [RANDOM INIT (untrained)], 8 images"`` for titles.
+    """``"<label> (<model>) [<checkpoint or RANDOM INIT>], <n> images"`` for titles.
 
     Example:
         >>> info = {"model": "vit_tiny", "checkpoint": "a.pth", "images": {"used": 8}}
@@ -63,7 +63,7 @@ def title(fig: Figure, text: str, size: str) -> None:
     fig.suptitle("\n".join(textwrap.wrap(text, chars)))
 
 
-def _legend(fig: Figure, axes, ncols: int = 4) -> None:
+def legend_below(fig: Figure, axes, ncols: int = 4) -> None:
     """One legend below the panels, in as many columns as the labels fit across the width."""
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
@@ -121,7 +121,7 @@ def run_figures(
             ax.set_box_aspect(None)
         for ax, name in zip(axes, names):
             plot_sites(ax, result, name, band=band)
-        _legend(fig, axes)
+        legend_below(fig, axes)
         title(fig, f"{head}: token metrics against layer", size)
         out["tokens"] = Drawn(
             fig,
@@ -232,7 +232,7 @@ def run_figures(
     if (metrics["metric"] == "attn_cross_layer_sim").any():
         fig, axes = panels(size, 1, aspect=0.6, extra=0.6)
         plot_cross_layer(axes[0], result, band=band)
-        _legend(fig, axes, ncols=5)
+        legend_below(fig, axes, ncols=5)
         title(fig, f"{head}: cross-layer attention similarity (DeepViT)", size)
         out["attn_cross_layer_sim"] = Drawn(
             fig,
@@ -261,7 +261,7 @@ def run_figures(
         fig, axes = panels(size, len(attn), aspect=0.72, extra=0.8)
         for ax, name in zip(axes, attn):
             plot_heads(ax, result, name, band=band)
-        _legend(fig, axes, ncols=7)
+        legend_below(fig, axes, ncols=7)
         title(fig, f"{head}: attention metrics per head", size)
         out["attention_heads"] = Drawn(
             fig,
@@ -317,7 +317,7 @@ def overlay_figures(
         fig, axes = panels(size, len(shared), aspect=0.72, extra=0.5)
         for ax, name in zip(axes, shared):
             plot_runs(ax, runs, name, x=x, band=band)
-        _legend(fig, axes)
+        legend_below(fig, axes)
         title(fig, f"{who}: token metrics", size)
         out["overlay_tokens"] = Drawn(
             fig,
@@ -335,7 +335,7 @@ def overlay_figures(
         fig, axes = panels(size, len(cos), aspect=0.8, extra=0.5)
         for ax, name in zip(axes, cos):
             plot_runs(ax, runs, name, x=x, band=band)
-        _legend(fig, axes)
+        legend_below(fig, axes)
         title(fig, f"{who}: cosine similarity (Wang et al. Fig. 4)", size)
         out["overlay_cosine"] = Drawn(
             fig,
@@ -349,7 +349,7 @@ def overlay_figures(
     if "rank_residual" in shared:
         fig, axes = panels(size, 1, aspect=0.55, extra=0.5)
         plot_runs(axes[0], runs, "rank_residual", x=x, band=band, log=True)
-        _legend(fig, axes)
+        legend_below(fig, axes)
         title(fig, f"{who}: distance to rank 1 (Dong et al.)", size)
         out["overlay_rank_residual"] = Drawn(
             fig,
@@ -364,7 +364,7 @@ def overlay_figures(
             plot_dlogamp_hf(axes[0], result, band=band, index=i)
             axes[0].get_lines()[-1].set_label(name)
             axes[0].get_lines()[-1].set(**{k: v for k, v in run_series(i).items() if k != "color"})
-        _legend(fig, axes)
+        legend_below(fig, axes)
         title(fig, f"{who}: high-frequency log amplitude (Park & Kim)", size)
         out["overlay_dlogamp_hf"] = Drawn(
             fig,
