@@ -44,10 +44,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 def select_metrics(patterns: str | Sequence[str] | None) -> list[MetricSpec]:
-    """Metrics whose names match any of the comma-separated fnmatch patterns (default: all)."""
+    """Metrics whose names match any of the comma-separated fnmatch patterns (default: all but
+    the opt-in ones, e.g. ``cls_dist_cos``)."""
     specs = list_metrics()
     if patterns is None:
-        return specs
+        return [s for s in specs if not s.opt_in]
     if isinstance(patterns, str):
         patterns = [p.strip() for p in patterns.split(",") if p.strip()]
     chosen = [s for s in specs if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]

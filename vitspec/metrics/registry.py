@@ -43,6 +43,8 @@ class MetricSpec:
             attention metrics are defined for any real matrix.
         num_prefix: the metric is defined only for models with exactly this many prefix tokens
             (``cls_dist_cos``: 2, class and distillation); None for every model.
+        opt_in: measured only when asked for by name or pattern, not by default (the default
+            set is the same for every model).
     """
 
     name: str
@@ -53,6 +55,7 @@ class MetricSpec:
     needs_prev: bool = False
     needs_nonnegative: bool = False
     num_prefix: int | None = None
+    opt_in: bool = False
 
 
 _REGISTRY: dict[str, MetricSpec] = {}
@@ -67,6 +70,7 @@ def register_metric(
     needs_prev: bool = False,
     needs_nonnegative: bool = False,
     num_prefix: int | None = None,
+    opt_in: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn`` under ``name``; returns ``fn`` unchanged.
 
@@ -86,7 +90,7 @@ def register_metric(
         if old is not None and old.fn is not fn:
             raise VitspecError(f"metric {name!r} is already registered (by {old.fn.__module__})")
         _REGISTRY[name] = MetricSpec(
-            name, kind, fn, formula, source, needs_prev, needs_nonnegative, num_prefix
+            name, kind, fn, formula, source, needs_prev, needs_nonnegative, num_prefix, opt_in
         )
         return fn
 
@@ -259,4 +263,5 @@ register_metric(
     "cos(x_cls, x_dist), the class and distillation tokens (distilled DeiT only)",
     "Touvron et al. 2021",
     num_prefix=2,
+    opt_in=True,
 )(F.cls_dist_cos)
