@@ -18,7 +18,7 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/vitspec analyze deit_small --random-init --out reports/demo --overwrite
+	$(VENV)/bin/vitspec analyze deit_small --random-init --out runs/demo --overwrite
 
 # The example report: figures and report.html from the trained digits toy runs (experiments/toy_scaling.py)
 TOY := reports/toy_scaling
@@ -31,6 +31,7 @@ test: $(VENV)/.installed-test
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check vitspec tests benchmarks experiments scripts
+	$(VENV)/bin/ruff format --check vitspec tests benchmarks experiments scripts
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/throughput.py --num-images 64 --repeats 3 --inline

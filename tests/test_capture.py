@@ -7,6 +7,7 @@ import torch
 from vitspec.adapters import get_adapter
 from vitspec.capture import capture, check_sites
 from vitspec.errors import VitspecError
+from vitspec.sites import SITES
 
 
 @pytest.fixture(scope="module")
@@ -30,29 +31,26 @@ def _hook_count(model):
 def test_sites_reach_the_callbacks_with_the_right_tensors(model):
     adapter = get_adapter(model)
     x = torch.randn(2, 3, 32, 32)
-    seen, attn = {}, {}
+    seen = {}
     with (
         torch.inference_mode(),
-        capture(
-            adapter,
-            sites=("embed", "mid", "block"),
-            on_tokens=lambda s, layer, t: seen.__setitem__((s, layer), t),
-            on_attention=lambda layer, a: attn.__setitem__(layer, a),
-        ),
+        capture(adapter, SITES, lambda s, layer, t: seen.__setitem__((s, layer), t)),
     ):
         out = model.forward_features(x)
-    assert sorted(seen) == sorted(
-        [("embed", 0)] + [(s, layer) for s in ("mid", "block") for layer in (1, 2, 3)]
-    )
+    assert sorted(seen) == sorted((s, layer) for s in SITES[:-1] for layer in (1, 2, 3))
+    attn = {layer: seen[("pattern", layer)] for layer in (1, 2, 3)}
     with torch.inference_mode():
-        assert torch.allclose(model.norm(seen[("block", 3)]), out, atol=1e-6)
+        assert torch.allclose(model.norm(seen[("resid_post", 3)]), out, atol=1e-6)
+        assert torch.equal(seen[("resid_pre", 2)], seen[("resid_post", 1)])
         # independent: run the blocks by hand
         x0 = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-        assert torch.allclose(seen[("embed", 0)], x0)
+        assert torch.allclose(seen[("resid_pre", 1)], x0)
         blk = model.blocks[0]
+        assert torch.allclose(seen[("attn_in", 1)], blk.norm1(x0))
+        assert torch.allclose(seen[("attn_out", 1)], blk.attn(blk.norm1(x0)), atol=1e-6)
         mid = x0 + blk.attn(blk.norm1(x0))
-        assert torch.allclose(seen[("mid", 1)], mid, atol=1e-6)
-        assert torch.allclose(seen[("block", 1)], blk(x0), atol=1e-6)
+        assert torch.allclose(seen[("resid_mid", 1)], mid, atol=1e-6)
+        assert torch.allclose(seen[("resid_post", 1)], blk(x0), atol=1e-6)
         # attention from q, k by hand
         b, n, c = x0.shape
         qkv = blk.attn.qkv(blk.norm1(x0)).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
@@ -68,11 +66,11 @@ def test_hooks_removed_and_fused_attention_restored_even_on_error(model):
     before = _hook_count(model)
 
     def boom(site, layer, tokens):
-        if layer == 2:
+        if site == "resid_post" and layer == 2:
             raise RuntimeError("callback failed")
 
     with pytest.raises(RuntimeError, match="callback failed"), torch.inference_mode():
-        with capture(adapter, sites=("block",), on_tokens=boom, on_attention=lambda layer, a: None):
+        with capture(adapter, {"resid_post", "pattern"}, boom):
             assert not any(b.attn.fused_attn for b in model.blocks)
             model(torch.randn(1, 3, 32, 32))
     assert _hook_count(model) == before
@@ -84,6 +82,12 @@ def test_check_sites_orders_and_rejects():
     assert check_sites(["block", "mid"]) == ("mid", "block")
     with pytest.raises(VitspecError, match="allowed: embed, mid, block"):
         check_sites(["blocks"])
+
+
+def test_unknown_site_is_refused(model):
+    with pytest.raises(VitspecError, match="allowed: resid_pre"):
+        with capture(get_adapter(model), {"block"}, lambda *a: None):
+            pass
 
 
 def test_resnet_is_refused_with_one_line():

@@ -27,3 +27,12 @@ def test_metrics_command_lists_the_registry(capsys):
     assert [line.split()[0] for line in out.splitlines()] == [
         s.name for s in list_metrics("attn_*")
     ]
+
+
+def test_family_table_is_generated_from_the_adapters():
+    from vitspec.adapters import TABLE_END, TABLE_START, adapter_classes, family_table
+
+    table = README.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip()
+    assert table == family_table(), "run: python scripts/family_table.py"
+    names = [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]]
+    assert names == [a.info.name for a in adapter_classes()]

@@ -25,9 +25,9 @@ def folders(tmp_path_factory):
     """Two analyze runs (the second with --no-figures), a verify run, a compare folder."""
     root = tmp_path_factory.mktemp("folders")
     mp = pytest.MonkeyPatch()
-    real = vitspec.analysis.load_model
+    real = vitspec.engine.load_model
     mp.setattr(
-        vitspec.analysis,
+        vitspec.engine,
         "load_model",
         lambda name, **kw: real(name, **{**kw, "model_kwargs": TINY}),
     )
@@ -191,7 +191,7 @@ def test_one_line_errors(folders, tmp_path, capsys):
     cases = [
         (["report", str(folders / "a"), str(folders / "b")], "give --out"),
         (["report", str(tmp_path)], "is not a vitspec folder"),
-        (["report", str(folders / "a"), "--out", str(folders / "a")], "exists; pass --overwrite"),
+        (["report", str(folders / "a"), "--out", str(folders / "a")], "it holds the input"),
     ]
     for argv, fragment in cases:
         code = main(argv)

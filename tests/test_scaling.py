@@ -15,10 +15,11 @@ import timm
 import torch
 
 from vitspec import analyze
-from vitspec.adapters import get_adapter
+from vitspec.adapters import Geometry, get_adapter
 from vitspec.capture import capture
 from vitspec.cli import build_parser, main
 from vitspec.collect import Collector
+from vitspec.engine import BatchInfo
 from vitspec.errors import VitspecError
 from vitspec.functional import attn_hc_gain, hc_gain_exact
 from vitspec.inputs import synthetic_batches
@@ -132,18 +133,17 @@ def test_timm_weights_load_with_only_the_new_keys_missing(name, base):
 
 def _attention(model, x):
     """{layer: (pre-scale A, A')} as the model computes them."""
-    pre, post = {}, {}
+    seen = {"pattern": {}, "pattern_pre": {}}
     with (
         torch.no_grad(),
         capture(
             get_adapter(model),
-            sites=(),
-            on_tokens=None,
-            on_attention=post.__setitem__,
-            on_pre_attention=pre.__setitem__,
+            {"pattern", "pattern_pre"},
+            lambda site, layer, a: seen[site].__setitem__(layer, a),
         ),
     ):
         model(x)
+    pre, post = seen["pattern_pre"], seen["pattern"]
     return {layer: (pre.get(layer), post[layer]) for layer in post}
 
 
@@ -238,18 +238,19 @@ def test_scaled_modules_never_use_fused_attention_and_adding_is_idempotent():
 
 
 def test_negative_entries_of_a_scaled_attention_skip_entropy_only():
-    collector = Collector(list_metrics(kind="attn"), 1, warn=(warnings := []).append)
-    collector.start_batch((2, 2))
+    collector = Collector(list_metrics(kind="attn"), warn=(warnings := []).append)
+    collector.start_batch(BatchInfo(0, 2, (8, 8), [Geometry(1, (2, 2))] * 2))
     a = torch.softmax(torch.randn(2, 2, 5, 5) * 3, dim=-1)
     scaled = 0.2 + (a - 0.2) * 4.0  # A' with w = 3: rows sum to 1, entries < 0
     assert (scaled < 0).any()
-    collector.on_pre_attention(1, a)
-    collector.on_attention(1, scaled)
+    collector.on("pattern_pre", 1, a)
+    collector.on("pattern", 1, scaled)
     names = {k[3] for k in collector.moments}
     assert "attn_entropy" not in names and {"attn_hc_gain", "attn_cos"} <= names
     assert "pre_attn_entropy" in names
-    assert (1, "attn_entropy") in collector.refused_metrics and len(warnings) == 1
-    collector.on_attention(1, a)  # a later batch without negatives stays skipped
+    assert (1, "attn_entropy") in collector.dropped and len(warnings) == 1
+    assert list(collector.unavailable.as_dict()) == ["attn_entropy at layers 1"]
+    collector.on("pattern", 1, a)  # a later batch without negatives stays skipped
     assert "attn_entropy" not in {k[3] for k in collector.moments}
 
 
@@ -279,7 +280,7 @@ def test_released_checkpoints_load_strictly_and_analyse(released, tmp_path):
         model, path = released[key]
         loaded = load_model(name, ckpt=path, model_kwargs=dict(TINY))
         assert loaded.provenance["techniques_added"] == [] and not loaded.provenance["warnings"]
-        assert loaded.provenance["unsafe_pickle_fallback"]  # the argparse.Namespace
+        assert not loaded.provenance["trusted_pickle"]  # the argparse.Namespace is allow-listed
         assert _same_logits(loaded.model, model)
     model, path = released["attn"]
     result = analyze(
@@ -384,30 +385,35 @@ def test_scaled_names_resolve_and_are_suggested():
 
 
 @pytest.mark.parametrize("name", [CAIT, "attnscale_cait_xxs24_224"])
-def test_tiny_cait_analyses_tokens_and_refuses_talking_heads_attention(name):
+def test_tiny_cait_measures_the_softmax_before_talking_heads_and_class_attention(name):
     warnings = []
     model = randomise_scales(make(name))
     result = analyze(
         model,
         images=images(2),
-        sites=["embed", "block"],
+        sites=["embed", "mid", "block"],
         device="cpu",
         metrics="hc_*,attn_entropy,attn_hc_gain",
         warn=warnings.append,
     )
     m, info = result.metrics, result.info
-    assert info["family"] == "cait" and info["num_prefix_tokens"] == 0 and info["depth"] == L
+    assert info["family"] == "cait" and info["num_prefix_tokens"] == 0 and info["depth"] == L + 1
     assert sorted(m.loc[m["site"] == "block", "layer"].unique()) == [1, 2, 3]
-    assert set(m["site"]) == {"embed", "block"}  # attention refused: not row-stochastic
-    assert set(info["attention_refused"]) == {"1", "2", "3"}
-    assert "not row-stochastic" in info["attention_refused"]["1"]
-    scaled = name != CAIT
-    assert (
-        bool(info["pre_attention_refused"]) == scaled and info["techniques"]["attnscale"] == scaled
-    )
-    assert sum("attention metrics skipped" in w for w in warnings) == L * (2 if scaled else 1)
-    with pytest.raises(VitspecError, match="site 'mid' is not available for cait blocks"):
-        analyze(model, images=images(1), sites=["mid"], device="cpu")
+    assert set(m["site"]) == {"embed", "block", "attn"}  # mid: one drop_path for both branches
+    attn = m[m["site"] == "attn"]
+    # trunk: A before the talking-heads mix is row-stochastic, every attention metric applies;
+    # the class-attention block (layer L + 1) gives its 1 x N row: entropy only
+    assert sorted(attn.loc[attn["metric"] == "attn_hc_gain", "layer"].unique()) == [1, 2, 3]
+    assert sorted(attn.loc[attn["metric"] == "attn_entropy", "layer"].unique()) == [1, 2, 3, 4]
+    assert info["attention_refused"] == {}
+    assert [s["name"] for s in info["stages"]] == ["blocks", "class attention"]
+    gone = info["unavailable"]
+    assert "drop_path" in gone["resid_mid at layers 1-4"]
+    assert "non-square" not in gone["attn_hc_gain at layers 4"]
+    assert "1 x 17" in gone["attn_hc_gain at layers 4"]
+    assert "class token" in gone["resid_post at layers 4"]
+    assert any(k.startswith("pattern_pre") for k in gone) == (name != CAIT)
+    assert len(warnings) == len(set(warnings))  # one line per distinct reason
 
 
 def test_cli_detects_the_techniques_and_prints_the_note(tmp_path, capsys):

@@ -1,148 +1,121 @@
-"""Forward hooks that hand one batch's tokens and attention to callbacks, then leave no trace.
+"""Forward hooks that hand what the requested sites observe to one callback, then leave no trace.
 
-The hooks call back *during* the forward pass, so a layer's tensors can be reduced and dropped
-before the next layer runs: nothing is kept after the batch, and memory does not grow with depth.
+The hooks call ``emit(site, layer, tensor)`` *during* the forward pass, so a layer's tensors can
+be reduced and dropped before the next layer runs: nothing is kept after the batch, and memory
+does not grow with depth. Hooks are removed and the adapter's switches restored in ``finally``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from torch import Tensor
 
-from vitspec.adapters import Adapter
+from vitspec.adapters import Adapter, Tap
 from vitspec.errors import VitspecError
+from vitspec.sites import CONTRACT_SITES, SITES
 
-SITES = ("embed", "mid", "block")
-
-TokenCallback = Callable[[str, int, Tensor], None]
-AttentionCallback = Callable[[int, Tensor], None]
-BranchCallback = Callable[[str, int, Tensor], None]
+Emit = Callable[[str, int, Tensor], None]
 
 
 def check_sites(sites) -> tuple[str, ...]:
-    """Validate site names, keep them in the contract's order.
+    """Validate the contract's token site names, keep them in the contract's order.
 
     Example:
         >>> check_sites(["block", "embed"])
         ('embed', 'block')
     """
-    unknown = [s for s in sites if s not in SITES]
+    unknown = [s for s in sites if s not in CONTRACT_SITES]
     if unknown or not sites:
         raise VitspecError(
-            f"unknown site {unknown[0] if unknown else '(none)'!r}; allowed: {', '.join(SITES)}"
+            f"unknown site {unknown[0] if unknown else '(none)'!r}; "
+            f"allowed: {', '.join(CONTRACT_SITES)}"
         )
-    return tuple(s for s in SITES if s in sites)
+    return tuple(s for s in CONTRACT_SITES if s in sites)
 
 
 @contextmanager
-def capture(
-    adapter: Adapter,
-    *,
-    sites: tuple[str, ...],
-    on_tokens: TokenCallback,
-    on_attention: AttentionCallback | None = None,
-    on_pre_attention: AttentionCallback | None = None,
-    on_attn_branch: BranchCallback | None = None,
-) -> Iterator[None]:
-    """Register exactly the hooks the sites need; remove them and restore fused attention on exit.
+def capture(adapter: Adapter, sites: Iterable[str], emit: Emit) -> Iterator[None]:
+    """Hook every tap of ``adapter`` whose site is in ``sites``; call ``emit(site, layer, x)``.
 
     Args:
-        adapter: where the model's blocks, attention and residual branches are.
-        sites: token sites among ``embed``, ``mid``, ``block``.
-        on_tokens: called as ``on_tokens(site, layer, tokens[B, N, C])``.
-        on_attention: called as ``on_attention(layer, attn[B, H, N, N])`` with the post-softmax
-            attention of block ``layer`` (1-based). When given, fused attention (SDPA, which never
-            forms the matrix) is switched off on every attention module for the duration.
-        on_pre_attention: called as ``on_pre_attention(layer, attn[B, H, N, N])`` with the
-            pre-scale attention ``A`` of blocks with AttnScale (``adapter.pre_attn_taps``; see
-            :mod:`vitspec.scaling`), before ``on_attention`` gets that block's ``A'``.
-        on_attn_branch: called as ``on_attn_branch("input", layer, y[B, N, C])`` with the input
-            of block ``layer``'s attention module (``adapter.attn_modules``; timm: ``norm1(x)``)
-            and as ``on_attn_branch("output", layer, branch[B, N, C])`` with the attention branch
-            added to the residual stream (``adapter.branch_taps``). Blocks without the module
-            are skipped. It does not switch fused attention off by itself.
+        adapter: where the model's sites are.
+        sites: site names of :mod:`vitspec.sites`.
+        emit: receives each observation in the site's layout, in forward order.
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32).eval()
+        >>> from vitspec.adapters import get_adapter
+        >>> seen = []
+        >>> emit = lambda site, layer, x: seen.append((layer, x.shape))
+        >>> with capture(get_adapter(model), {"pattern"}, emit):
+        ...     _ = model(torch.zeros(1, 3, 32, 32))
+        >>> seen
+        [(1, torch.Size([1, 3, 5, 5])), (2, torch.Size([1, 3, 5, 5]))]
     """
+    wanted = frozenset(sites)
+    unknown = wanted - set(SITES)
+    if unknown:
+        raise VitspecError(f"unknown site {sorted(unknown)[0]!r}; allowed: {', '.join(SITES)}")
+    batch = {"size": 0}
+    held: dict[int, Tensor] = {}  # values of `plus` taps, until their partner fires
     handles = []
-    saved = []
-    try:
-        if on_attention is not None or on_pre_attention is not None:
-            for module in adapter.attn_modules:
-                if module is not None:
-                    saved.append((module, module.fused_attn))
-                    module.fused_attn = False
-        blocks = adapter.blocks
-        if "embed" in sites:
+    with adapter.prepare(wanted):
+        try:
             handles.append(
-                blocks[0].register_forward_pre_hook(lambda _m, args: on_tokens("embed", 0, args[0]))
+                adapter.model.register_forward_pre_hook(
+                    lambda _m, args, kwargs: batch.update(size=_first(args, kwargs).shape[0]),
+                    with_kwargs=True,
+                )
             )
-        if "mid" in sites:
-            if any(t is None for t in adapter.branch_taps):
-                raise VitspecError(
-                    f"site 'mid' is not available for {adapter.family} blocks; "
-                    "use --sites embed,block"
-                )
-            for layer, (block, tap) in enumerate(zip(blocks, adapter.branch_taps), start=1):
-                handles += _mid_hooks(block, tap, layer, on_tokens)
-        if "block" in sites:
-            for layer, block in enumerate(blocks, start=1):
-                handles.append(
-                    block.register_forward_hook(
-                        lambda _m, _a, out, layer=layer: on_tokens("block", layer, out)
-                    )
-                )
-        if on_attention is not None:
-            handles += _input_hooks(adapter.attn_taps, on_attention)
-        if on_pre_attention is not None:
-            handles += _input_hooks(adapter.pre_attn_taps, on_pre_attention)
-        if on_attn_branch is not None:
-            handles += _branch_hooks(adapter, on_attn_branch)
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, fused in saved:
-            module.fused_attn = fused
+            for (site, layer), tap in adapter.taps().items():
+                if site in wanted:
+                    handles += _hooks(tap, lambda x, s=site, n=layer: emit(s, n, x), batch, held)
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            held.clear()
 
 
-def _input_hooks(taps: list, callback: AttentionCallback) -> list:
-    """Hooks calling ``callback(layer, input)`` with the forward input of each tap (1-based)."""
-    return [
-        tap.register_forward_pre_hook(lambda _m, args, layer=layer: callback(layer, args[0]))
-        for layer, tap in enumerate(taps, start=1)
-        if tap is not None
-    ]
+def _first(args: tuple, kwargs: dict):
+    """A forward call's first positional argument, else its first keyword argument."""
+    return args[0] if args else next(iter(kwargs.values()))
 
 
-def _mid_hooks(block, tap, layer: int, on_tokens: TokenCallback) -> list:
-    """Hooks giving ``x + attn_branch(x)``; the block input is held only until the branch is out."""
-    held: dict[str, Tensor] = {}
-
-    def keep_input(_m, args):
-        held["x"] = args[0]
-
-    def emit(_m, _a, branch):
-        on_tokens("mid", layer, held.pop("x") + branch)
-
-    return [block.register_forward_pre_hook(keep_input), tap.register_forward_hook(emit)]
-
-
-def _branch_hooks(adapter: Adapter, on_attn_branch: BranchCallback) -> list:
-    """Pre-hooks on the attention modules (their input) and hooks on the branch taps (output)."""
+def _hooks(tap: Tap, out: Callable[[Tensor], None], batch: dict, held: dict) -> list:
+    """Hooks calling ``out(value)`` for ``tap`` (plus its ``plus`` partner's value)."""
     handles = []
-    for layer, module in enumerate(adapter.attn_modules, start=1):
-        if module is not None:
-            handles.append(
-                module.register_forward_pre_hook(
-                    lambda _m, args, layer=layer: on_attn_branch("input", layer, args[0])
-                )
-            )
-    for layer, tap in enumerate(adapter.branch_taps, start=1):
-        if tap is not None:
-            handles.append(
-                tap.register_forward_hook(
-                    lambda _m, _a, out, layer=layer: on_attn_branch("output", layer, out)
-                )
-            )
+
+    def value_of(t: Tap, raw) -> Tensor:
+        return raw if t.transform is None else t.transform(raw, batch["size"])
+
+    if tap.plus is not None:
+        key = id(tap)
+
+        def keep(raw) -> None:
+            held[key] = value_of(tap.plus, raw)
+
+        def fire(raw) -> None:
+            out(held.pop(key) + value_of(tap, raw))
+
+        handles.append(_hook(tap.plus, keep))
+    else:
+
+        def fire(raw) -> None:
+            out(value_of(tap, raw))
+
+    handles.append(_hook(tap, fire))
     return handles
+
+
+def _hook(tap: Tap, call: Callable[[object], None]):
+    if tap.when == "input":
+        return tap.module.register_forward_pre_hook(
+            lambda _m, args, kwargs: call(_first(args, kwargs)), with_kwargs=True
+        )
+    if tap.when == "output":
+        return tap.module.register_forward_hook(lambda _m, _a, output: call(output))
+    raise VitspecError(f"tap.when is {tap.when!r}; allowed: input, output")

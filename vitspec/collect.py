@@ -1,8 +1,9 @@
-"""Streaming reduction of captured tensors into float64 moments, and from moments to table rows.
+"""The metric collector: a run consumer folding every selected metric into float64 moments.
 
-A ``Collector`` is the consumer the capture hooks call: it runs every selected metric on one
-layer's tensors as the forward pass produces them, folds the per-image values into fixed-size
-``Moments`` and drops the tensors. ``rows()`` turns the moments into the long-format tables.
+A :class:`Collector` receives one layer's tensors as the forward pass produces them (``on(site,
+layer, x)``), runs every scheduled metric on them, folds the per-image values into fixed-size
+:class:`~vitspec.metrics.Moments` and drops the tensors. :func:`rows` turns moments into the
+long-format tables of the contract.
 """
 
 from __future__ import annotations
@@ -12,96 +13,124 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from vitspec.capture import SITES
 from vitspec.errors import VitspecError
 from vitspec.functional import AttnView, TokenView
 from vitspec.metrics import MetricSpec, Moments
+from vitspec.sites import CONTRACT_SITES, PATTERN_PRE, PATTERN_SITES, Unavailable, contract_site
 
-SITE_ORDER = {site: i for i, site in enumerate((*SITES, "attn"))}
+SITE_ORDER = {site: i for i, site in enumerate((*CONTRACT_SITES, "attn"))}
 ALL_HEADS = "heads"  # moments key for the per-head values; head -1 is their per-image mean
 PRE = "pre_"  # name prefix of the metrics on the pre-scale attention of AttnScale blocks
+NEGATIVE = (
+    "the attention has negative entries (its rows sum to 1: AttnScale with w > 0 makes "
+    "A' = J + (1 + w)(A - J) negative where A < w / ((1 + w) N))"
+)
 
 
 class Collector:
-    """Per-(site, layer, head, metric) moments for one analysis run.
+    """Per-(site, layer, head, metric) moments: one consumer of a run.
 
     Args:
-        specs: the selected metrics (token, token_curve, attn, attn_curve).
-        num_prefix: prefix tokens before the patch grid.
-        warn: where one-line warnings go (refused attention modules).
+        specs: the metrics this collector runs (token and/or attention kinds).
+        sites: the contract's token sites (``embed``, ``mid``, ``block``) for the token metrics.
+        warn: one line per distinct reason something is not measured.
 
     Blocks with AttnScale (:mod:`vitspec.scaling`) also report their pre-scale attention
-    through :meth:`on_pre_attention`; its rows carry the attention metric names prefixed with
-    ``pre_`` (``pre_attn_entropy``, ...), its refusals are in ``refused_pre``.
+    (site ``pattern_pre``) in rows named ``pre_<metric>``.
     """
 
-    def __init__(self, specs: list[MetricSpec], num_prefix: int, warn: Callable[[str], None]):
+    def __init__(
+        self,
+        specs: list[MetricSpec],
+        sites: tuple[str, ...] = (),
+        warn: Callable[[str], None] | None = None,
+    ):
         self.token_specs = [s for s in specs if s.kind.startswith("token")]
         self.attn_specs = [s for s in specs if s.kind.startswith("attn")]
-        self.num_prefix = num_prefix
-        self.warn = warn
-        self.grid: tuple[int, int] = (0, 0)
+        wanted = {CONTRACT_SITES[s] for s in sites} if self.token_specs else set()
+        if self.attn_specs:
+            wanted |= set(PATTERN_SITES)
+        self.sites = frozenset(wanted)
+        self.unavailable = Unavailable(warn)
         self.moments: dict[tuple, Moments] = {}
-        self.refused: dict[int, str] = {}
-        self.refused_pre: dict[int, str] = {}
-        self.refused_metrics: dict[tuple[int, str], str] = {}  # (layer, name) -> reason
+        self.refused: dict[str, dict[int, str]] = {"": {}, PRE: {}}  # layer -> why
+        self.dropped: dict[tuple[int, str], str] = {}  # (layer, metric) -> why
         self.num_heads = 0
-        self._prev: tuple[int, AttnView] | None = None
-        self._pre_prev: tuple[int, AttnView] | None = None
+        self.geometry: list = []
+        self._prev: dict[str, tuple[int, AttnView]] = {}
 
-    def start_batch(self, grid: tuple[int, int]) -> None:
-        self.grid = grid
-        self._prev = self._pre_prev = None
+    # ---- consumer protocol ---------------------------------------------------------------
+    def start_batch(self, info) -> None:
+        """A new batch: its per-layer geometry and the adapter's per-head parameters."""
+        self.geometry = info.geometry
+        self._prev = {}
+        if self.attn_specs:
+            for name, layers in info.head_params.items():
+                for layer, values in layers.items():
+                    per_image = values.detach().double().cpu().expand(info.size, -1)
+                    self._update(("attn", layer, ALL_HEADS, name), per_image)
+                    self._update(("attn", layer, -1, name), per_image.mean(dim=1))
 
-    def on_tokens(self, site: str, layer: int, tokens: Tensor) -> None:
-        n_tokens = self.num_prefix + self.grid[0] * self.grid[1]
-        if tokens.shape[1] != n_tokens:
+    def on(self, site: str, layer: int, x: Tensor) -> None:
+        if site in PATTERN_SITES:
+            self._attention(site, layer, x)
+            return
+        where = contract_site(site, layer)
+        if where is not None and where[0] in SITE_ORDER:
+            self._tokens(where[0], where[1], x)
+
+    def state(self) -> dict:
+        """Fixed-size state (moments, refusals) that :meth:`merge_state` folds together."""
+        return {
+            "moments": self.moments,
+            "refused": self.refused,
+            "dropped": self.dropped,
+            "num_heads": self.num_heads,
+            "unavailable": self.unavailable,
+        }
+
+    def merge_state(self, other: dict) -> None:
+        """Fold another collector's :meth:`state` in (Chan's parallel moments update)."""
+        for key, acc in other["moments"].items():
+            self.moments.setdefault(key, Moments()).merge(acc)
+        for kind, layers in other["refused"].items():
+            self.refused[kind].update(layers)
+        self.dropped.update(other["dropped"])
+        self.num_heads = max(self.num_heads, other["num_heads"])
+        self.unavailable.update(other["unavailable"])
+
+    # ---- token sites ---------------------------------------------------------------------
+    def _tokens(self, site: str, layer: int, tokens: Tensor) -> None:
+        g = self.geometry[layer]
+        if tokens.dim() != 3 or tokens.shape[1] != g.tokens:
             raise VitspecError(
-                f"{site} layer {layer} has {tokens.shape[1]} tokens, expected "
-                f"{self.num_prefix} prefix + {self.grid[0]}x{self.grid[1]} patches"
+                f"{site} layer {layer} has shape {tuple(tokens.shape)}, expected [B, "
+                f"{g.tokens}, C]: {g.prefix} prefix + {g.grid[0]}x{g.grid[1]} patches"
             )
-        view = TokenView(tokens, self.num_prefix, self.grid)  # shared intermediates, this site only
+        view = TokenView(tokens, g.prefix, g.grid)  # shared intermediates, this site only
         _check_finite(view.energy, f"layer {layer} {site} tokens")  # NaN/Inf reach ||X||^2
         for spec in self.token_specs:
-            self._update((site, layer, None, spec.name), spec.fn(view, self.num_prefix, self.grid))
+            self._update((site, layer, None, spec.name), spec.fn(view, g.prefix, g.grid))
 
-    def on_attention(self, layer: int, attn: Tensor) -> None:
-        self._prev = self._attention(layer, attn, "", self.refused, self._prev)
-
-    def on_pre_attention(self, layer: int, attn: Tensor) -> None:
-        """The pre-scale attention ``A`` of an AttnScale block: rows named ``pre_<metric>``."""
-        self._pre_prev = self._attention(layer, attn, PRE, self.refused_pre, self._pre_prev)
-
-    def _attention(
-        self,
-        layer: int,
-        attn: Tensor,
-        prefix: str,
-        refused: dict[int, str],
-        prev_state: tuple[int, AttnView] | None,
-    ) -> tuple[int, AttnView] | None:
-        """Update ``prefix + name`` moments; return the new previous-layer state."""
+    # ---- attention -----------------------------------------------------------------------
+    def _attention(self, site: str, layer: int, attn: Tensor) -> None:
+        prefix = PRE if site == PATTERN_PRE else ""
+        refused = self.refused[prefix]
         if layer in refused:
-            return prev_state
-        what = (
-            "pre-scale attention (blocks.{}.attn.attn_scale)"
-            if prefix
-            else "attention (blocks.{}.attn)"
-        )
-        n_tokens = self.num_prefix + self.grid[0] * self.grid[1]
-        prev = prev_state[1] if prev_state is not None and prev_state[0] == layer - 1 else None
-        problem, signed = None, False
-        if attn.dim() != 4 or attn.shape[-1] != n_tokens or attn.shape[-2] != n_tokens:
-            problem = (
-                f"its output has shape {tuple(attn.shape)}, not [B, H, {n_tokens}, {n_tokens}]"
-            )
+            return
+        windows = attn.dim() == 5
+        mats = attn.flatten(0, 1) if windows else attn  # [B*nW, H, n, m]
+        square = mats.dim() == 4 and mats.shape[-1] == mats.shape[-2]
+        what = "pre-scale attention" if prefix else "attention"
+        problem, view = None, None
+        if mats.dim() != 4:
+            problem = f"its pattern has shape {tuple(attn.shape)}, not [B, H, N, M]"
         else:
-            view = AttnView(attn, prev)  # intermediates shared by this layer's metrics
-            _check_finite(view.row_sums, f"layer {layer} {what.format(layer - 1)}")
+            prev = self._prev_view(prefix, layer, mats)
+            view = AttnView(mats, prev, square=square)
+            _check_finite(view.row_sums, f"layer {layer} {what}")
             if not view.rows_sum_to_one(atol=1e-4):
                 problem = "its output is not row-stochastic (rows not summing to 1)"
-            # rows summing to 1 with negative entries: AttnScale's A' = J + (1 + w)(A - J), w > 0
-            signed = not view.nonnegative
         if problem is not None:
             refused[layer] = problem
             names = {prefix + s.name for s in self.attn_specs}
@@ -110,41 +139,62 @@ class Collector:
                 for k, v in self.moments.items()
                 if not (k[0] == "attn" and k[1] == layer and k[3] in names)
             }
-            self.warn(
-                f"block {layer}: {'pre-scale ' if prefix else ''}attention metrics "
-                f"skipped: {problem}"
+            self.unavailable.add(
+                f"{what} metrics",
+                problem,
+                layer,
+                f"block {layer}: {what} metrics skipped: {problem}",
             )
-            return None
-        self.num_heads = attn.shape[1]
-        for spec in self.attn_specs:
-            if spec.needs_prev and prev is None:
-                continue
-            if spec.needs_nonnegative and (
-                signed or (layer, prefix + spec.name) in self.refused_metrics
-            ):
-                self._refuse_metric(layer, prefix + spec.name)
-                continue
-            values = spec.fn(view, prev)
-            self._update(("attn", layer, ALL_HEADS, prefix + spec.name), values)
-            self._update(("attn", layer, -1, prefix + spec.name), values.mean(dim=1))
-        view.prev = None  # the chain holds one layer back, never the whole depth
-        return (layer, view)
-
-    def _refuse_metric(self, layer: int, name: str) -> None:
-        """Skip one metric that needs A >= 0 at ``layer`` for the whole run (once warned)."""
-        if (layer, name) in self.refused_metrics:
+            self._prev.pop(prefix, None)
             return
-        reason = (
-            "the attention has negative entries (its rows sum to 1: AttnScale with "
-            "w > 0 makes A' = J + (1 + w)(A - J) negative where A < w / ((1 + w) N))"
-        )
-        self.refused_metrics[(layer, name)] = reason
+        self.num_heads = mats.shape[1]
+        for spec in self.attn_specs:
+            name = prefix + spec.name
+            if "square" in spec.needs and not square:
+                n, m = mats.shape[-2:]
+                why = (
+                    f"the attention is {n} x {m} (queries x keys, not one token set): only the "
+                    "metrics over each row apply"
+                )
+                self.unavailable.add(name, why, layer)
+                continue
+            if spec.needs_prev and view.prev is None:
+                continue
+            if spec.needs_nonnegative and ((layer, name) in self.dropped or not view.nonnegative):
+                self._drop(layer, name)
+                continue
+            values = spec.fn(view, view.prev)
+            if windows:  # per window, then the mean over the image's windows
+                values = values.reshape(attn.shape[0], attn.shape[1], *values.shape[1:])
+                values = values.mean(dim=1)
+            self._update(("attn", layer, ALL_HEADS, name), values)
+            self._update(("attn", layer, -1, name), values.mean(dim=1))
+        view.prev = None  # the chain holds one layer back, never the whole depth
+        if square:
+            self._prev[prefix] = (layer, view)
+        else:
+            self._prev.pop(prefix, None)
+
+    def _drop(self, layer: int, name: str) -> None:
+        """Skip a metric that needs A >= 0 at ``layer`` for the whole run (warned once)."""
+        if (layer, name) in self.dropped:
+            return
+        self.dropped[(layer, name)] = NEGATIVE
+        self.unavailable.add(name, NEGATIVE, layer, f"block {layer}: {name} skipped: {NEGATIVE}")
         self.moments = {
             k: v
             for k, v in self.moments.items()
             if not (k[0] == "attn" and k[1] == layer and k[3] == name)
         }
-        self.warn(f"block {layer}: {name} skipped: {reason}")
+
+    def _prev_view(self, prefix: str, layer: int, mats: Tensor) -> AttnView | None:
+        """The previous layer's view when it covers the same tokens (``attn_cross_layer_sim``)."""
+        held = self._prev.get(prefix)
+        if held is None or held[0] != layer - 1 or held[1].attn.shape != mats.shape:
+            return None
+        if not self.geometry[layer].same_tokens(self.geometry[layer - 1]):
+            return None
+        return held[1]
 
     def _update(self, key: tuple, values: Tensor) -> None:
         moments = self.moments.get(key)

@@ -123,14 +123,16 @@ class AttnView:
     Args:
         attn: the attention maps (float32 stays float32, float64 stays float64).
         prev: the previous layer's view for the same images, for ``attn_cross_layer_sim``.
+        square: False accepts ``[B, H, N, M]`` (keys reduced, class attention), for the metrics
+            over each row (``attn_entropy``) only.
 
     Example:
         >>> AttnView(torch.full((1, 1, 4, 4), 0.25)).nonnegative
         True
     """
 
-    def __init__(self, attn: Tensor, prev: AttnView | None = None):
-        self.attn = _check_attn(attn)
+    def __init__(self, attn: Tensor, prev: AttnView | None = None, square: bool = True):
+        self.attn = _check_attn(attn, square=square)
         self.prev = prev
 
     @cached_property
@@ -216,10 +218,10 @@ def _check_tokens(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Non
         )
 
 
-def _check_attn(attn: Tensor, name: str = "attn") -> Tensor:
+def _check_attn(attn: Tensor, name: str = "attn", square: bool = True) -> Tensor:
     if not isinstance(attn, Tensor):
         raise VitspecError(f"{name} must be a torch.Tensor, got {type(attn).__name__}")
-    if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2]:
+    if attn.ndim != 4 or (square and attn.shape[-1] != attn.shape[-2]):
         raise VitspecError(f"{name} must have shape [B, H, N, N], got {tuple(attn.shape)}")
     if not attn.is_floating_point():
         raise VitspecError(f"{name} must be a floating-point tensor, got {attn.dtype}")

@@ -15,14 +15,37 @@ from dataclasses import dataclass
 
 from vitspec import functional as F
 from vitspec.errors import VitspecError
+from vitspec.sites import PATTERN_SITES, TOKEN_SITES
 
-__all__ = ["KINDS", "MetricSpec", "get_metric", "list_metrics", "register_metric"]
+__all__ = [
+    "KIND_SITES",
+    "KINDS",
+    "NEEDS",
+    "MetricSpec",
+    "get_metric",
+    "list_metrics",
+    "register_metric",
+]
 
 #: ``token``: ``fn(tokens [B, N, C], num_prefix, grid) -> [B]``;
 #: ``token_curve``: same arguments ``-> [B, K]``;
 #: ``attn``: ``fn(attn [B, H, N, N], prev) -> [B, H]``;
 #: ``attn_curve``: same arguments ``-> [B, H, N]``.
 KINDS = ("token", "token_curve", "attn", "attn_curve")
+
+
+#: what a metric may need beyond its site: ``prev_layer`` (the previous layer's attention on the
+#: same tokens), ``nonnegative`` (attention without negative entries), ``square`` (an N x N
+#: pattern over one token set; non-square patterns get only the metrics without it).
+NEEDS = ("prev_layer", "nonnegative", "square", "class_and_distillation")
+
+#: the sites each kind reads (names of :mod:`vitspec.sites`)
+KIND_SITES = {
+    "token": TOKEN_SITES,
+    "token_curve": TOKEN_SITES,
+    "attn": PATTERN_SITES,
+    "attn_curve": PATTERN_SITES,
+}
 
 
 @dataclass(frozen=True)
@@ -35,16 +58,15 @@ class MetricSpec:
         fn: the functional implementation.
         formula: short plain-text formula for the README glossary.
         source: the paper the definition follows, e.g. ``'Wang et al. 2022'``.
-        needs_prev: True when ``fn`` needs the previous layer's attention (``prev`` must not be
-            None), i.e. the metric exists only for layers l >= 2.
-        needs_nonnegative: True when ``fn`` is undefined for attention with negative entries
-            (``attn_entropy``). AttnScale's ``A' = J + (1 + w)(A - J)`` keeps rows summing to 1
-            but has negative entries where ``w > 0`` and ``A_ij < w / ((1 + w) N)``; the other
-            attention metrics are defined for any real matrix.
-        num_prefix: the metric is defined only for models with exactly this many prefix tokens
-            (``cls_dist_cos``: 2, class and distillation); None for every model.
-        opt_in: measured only when asked for by name or pattern, not by default (the default
-            set is the same for every model).
+        sites: the sites (:mod:`vitspec.sites`) the metric reads; a run schedules it only where
+            the model has one of them.
+        needs: among :data:`NEEDS`. AttnScale's ``A' = J + (1 + w)(A - J)`` keeps rows summing
+            to 1 but has negative entries where ``w > 0`` and ``A_ij < w / ((1 + w) N)``, so
+            ``attn_entropy`` needs ``nonnegative``; the other attention metrics are defined for
+            any real square matrix. ``class_and_distillation``: defined only for models whose
+            two prefix tokens are a class and a distillation token (distilled DeiT).
+        default: part of the default selection (``metrics=None``); the contract's metrics are,
+            ``cls_dist_cos`` is asked for by name.
     """
 
     name: str
@@ -52,10 +74,19 @@ class MetricSpec:
     fn: Callable
     formula: str
     source: str
-    needs_prev: bool = False
-    needs_nonnegative: bool = False
-    num_prefix: int | None = None
-    opt_in: bool = False
+    sites: tuple[str, ...] = ()
+    needs: frozenset[str] = frozenset()
+    default: bool = True
+
+    @property
+    def needs_prev(self) -> bool:
+        """True when ``fn`` needs the previous layer's attention (it exists for l >= 2 only)."""
+        return "prev_layer" in self.needs
+
+    @property
+    def needs_nonnegative(self) -> bool:
+        """True when ``fn`` is undefined for attention with negative entries."""
+        return "nonnegative" in self.needs
 
 
 _REGISTRY: dict[str, MetricSpec] = {}
@@ -67,30 +98,40 @@ def register_metric(
     formula: str,
     source: str,
     *,
-    needs_prev: bool = False,
-    needs_nonnegative: bool = False,
-    num_prefix: int | None = None,
-    opt_in: bool = False,
+    sites: tuple[str, ...] | None = None,
+    needs: tuple[str, ...] = (),
+    default: bool = True,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn`` under ``name``; returns ``fn`` unchanged.
+
+    Args:
+        name, kind, formula, source: see :class:`MetricSpec`.
+        sites: the sites it reads (default: those of its kind, :data:`KIND_SITES`).
+        needs: among :data:`NEEDS`.
+        default: measured when no metrics are named; False: only when asked for (by name or
+            pattern), like the added metrics that apply to one family only.
 
     Example:
         >>> @register_metric("my_norm", "token", "||X||_F", "doc example")
         ... def my_norm(tokens, num_prefix, grid):
         ...     return tokens.double().norm(dim=(1, 2))
-        >>> get_metric("my_norm").kind
-        'token'
+        >>> get_metric("my_norm").sites
+        ('resid_pre', 'resid_mid', 'resid_post')
         >>> _ = _REGISTRY.pop("my_norm")
     """
     if kind not in KINDS:
         raise VitspecError(f"unknown metric kind {kind!r}; allowed: {', '.join(KINDS)}")
+    unknown = [n for n in needs if n not in NEEDS]
+    if unknown:
+        raise VitspecError(f"unknown metric need {unknown[0]!r}; allowed: {', '.join(NEEDS)}")
+    sites = KIND_SITES[kind] if sites is None else tuple(sites)
 
     def decorator(fn: Callable) -> Callable:
         old = _REGISTRY.get(name)
         if old is not None and old.fn is not fn:
             raise VitspecError(f"metric {name!r} is already registered (by {old.fn.__module__})")
         _REGISTRY[name] = MetricSpec(
-            name, kind, fn, formula, source, needs_prev, needs_nonnegative, num_prefix, opt_in
+            name, kind, fn, formula, source, sites, frozenset(needs), default
         )
         return fn
 
@@ -137,7 +178,7 @@ def list_metrics(pattern: str = "*", kind: str | None = None) -> list[MetricSpec
     ]
 
 
-# Built-in metrics, in the order of shared/metrics.md.
+# Built-in metrics, in the order of shared/metrics.md: name, kind, formula, source, fn, needs.
 _BUILTIN = [
     (
         "hc_dc_ratio",
@@ -145,6 +186,7 @@ _BUILTIN = [
         "||HC[X]||_F / ||DC[X]||_F over all N tokens",
         "Wang et al. 2022",
         F.hc_dc_ratio,
+        (),
     ),
     (
         "hc_energy",
@@ -152,6 +194,7 @@ _BUILTIN = [
         "||HC[X]||_F^2 / ||X||_F^2 over all N tokens",
         "Wang et al. 2022",
         F.hc_energy,
+        (),
     ),
     (
         "patch_cos_abs",
@@ -159,6 +202,7 @@ _BUILTIN = [
         "mean_{i!=j} |cos(p_i, p_j)| over patch tokens",
         "Gong et al. 2021",
         F.patch_cos_abs,
+        (),
     ),
     (
         "patch_cos",
@@ -166,6 +210,7 @@ _BUILTIN = [
         "mean_{i!=j} cos(p_i, p_j) over patch tokens",
         "Gong et al. 2021 v1",
         F.patch_cos,
+        (),
     ),
     (
         "rank_residual",
@@ -173,6 +218,7 @@ _BUILTIN = [
         "n13(X - 1 xbar^T) / n13(X), n13(M) = sqrt(||M||_1 ||M||_inf)",
         "Dong et al. 2021 code",
         F.rank_residual,
+        (),
     ),
     (
         "feat_var",
@@ -180,6 +226,7 @@ _BUILTIN = [
         "mean_c var_{h*w}(patch grid[c]) (unbiased)",
         "Park & Kim 2022",
         F.feat_var,
+        (),
     ),
     (
         "dlogamp_hf",
@@ -187,6 +234,7 @@ _BUILTIN = [
         "last point of dlogamp (highest frequency)",
         "Park & Kim 2022",
         F.dlogamp_hf,
+        (),
     ),
     (
         "erank",
@@ -194,6 +242,7 @@ _BUILTIN = [
         "exp(-sum p_k log p_k), p = s / sum(s), s = svd(HC[X])",
         "Roy & Vetterli 2007",
         F.erank,
+        (),
     ),
     (
         "dlogamp",
@@ -201,6 +250,7 @@ _BUILTIN = [
         "diag of fftshift(mean_c log(|fft2(grid)| + 1e-6)) from h//2, minus first point",
         "Park & Kim 2022",
         F.dlogamp,
+        (),
     ),
     (
         "attn_entropy",
@@ -208,6 +258,7 @@ _BUILTIN = [
         "mean_i -sum_j A_ij log A_ij (nats)",
         "Zhai et al. 2023",
         F.attn_entropy,
+        ("nonnegative",),
     ),
     (
         "attn_hc_gain",
@@ -215,6 +266,7 @@ _BUILTIN = [
         "sigma_max((I - J) A (I - J))",
         "Wang et al. 2022, Thm. 3",
         F.attn_hc_gain,
+        ("square",),
     ),
     (
         "attn_cross_layer_sim",
@@ -222,6 +274,7 @@ _BUILTIN = [
         "mean_t cos(A^l[:, t], A^(l-1)[:, t])",
         "Zhou et al. 2021",
         F.attn_cross_layer_sim,
+        ("prev_layer", "square"),
     ),
     (
         "attn_cos",
@@ -229,6 +282,7 @@ _BUILTIN = [
         "mean_{i,j} |cos(A[:, i], A[:, j])| (diagonal included)",
         "Wang et al. 2022, issue #2 snippet",
         F.attn_cos,
+        ("square",),
     ),
     (
         "attn_spectrum",
@@ -236,6 +290,7 @@ _BUILTIN = [
         "||row k of F A F^H||_2, k = 0..N-1",
         "Wang et al. 2022, Fig. 2/5",
         F.attn_spectrum,
+        ("square",),
     ),
     (
         "token_spectrum",
@@ -243,25 +298,19 @@ _BUILTIN = [
         "sum_c |(F X)[k, c]|^2 / ||X||_F^2, k = 0..N-1",
         "Wang et al. 2022",
         F.token_spectrum,
+        (),
     ),
 ]
-for _name, _kind, _formula, _source, _fn in _BUILTIN:
-    register_metric(
-        _name,
-        _kind,
-        _formula,
-        _source,
-        needs_prev=_name == "attn_cross_layer_sim",
-        needs_nonnegative=_name == "attn_entropy",
-    )(_fn)
-del _name, _kind, _formula, _source, _fn
+for _name, _kind, _formula, _source, _fn, _needs in _BUILTIN:
+    register_metric(_name, _kind, _formula, _source, needs=_needs)(_fn)
+del _name, _kind, _formula, _source, _fn, _needs
 
-# Added metrics (shared/metrics.md, "Added metrics")
+# Added metrics (docs/metrics.md, "Added metrics")
 register_metric(
     "cls_dist_cos",
     "token",
     "cos(x_cls, x_dist), the class and distillation tokens (distilled DeiT only)",
     "Touvron et al. 2021",
-    num_prefix=2,
-    opt_in=True,
+    needs=("class_and_distillation",),
+    default=False,
 )(F.cls_dist_cos)

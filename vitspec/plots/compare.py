@@ -81,6 +81,8 @@ def compare_figures(
     used = "/".join(str(run.get("images_used")) for run in info["runs"])
     random = [run["label"] for run in info["runs"] if run.get("random_init")]
     warn = f" - RANDOM INIT: {', '.join(random)}" if random else ""
+    if info.get("images_differ"):
+        warn += " - DIFFERENT IMAGES"
     fig = compare_figure(
         table,
         list(info["metrics"]),

@@ -10,10 +10,14 @@ several runs, a verify run and a comparison share one page. No torch is imported
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import vitspec
 from vitspec.errors import VitspecError
+from vitspec.outputs import atomic_dir, record_files
 from vitspec.plots import Drawn, save, style
 from vitspec.plots.compare import compare_figures
 from vitspec.plots.figures import overlay_figures, run_figures
@@ -30,7 +34,6 @@ from vitspec.reporting.folders import (
     slug,
     summary,
 )
-from vitspec.results import atomic_dir
 
 __all__ = ["draw", "report"]
 HTML = "report.html"
@@ -66,6 +69,7 @@ def draw(folder: str | Path, *, size: str = "page", band: str = "sd") -> list[Pa
     with style(size):
         for stem, drawn in figures_of(one, size=size, band=band).items():
             paths += save(drawn.figure, one.path, stem)
+    record_files(one.path, paths)
     return paths
 
 
@@ -102,9 +106,21 @@ def report(
     if out is None:
         if len(opened) > 1:
             raise VitspecError("give --out (out=...) when reporting on several folders")
-        return _write(opened, opened[0].path, size, band, in_place=True)
-    with atomic_dir(Path(out), overwrite) as tmp:
+        folder = opened[0].path
+        before = set(folder.iterdir())
+        page_path = _write(opened, folder, size, band, in_place=True)
+        record_files(folder, (set(folder.iterdir()) - before) | {page_path})
+        return page_path
+    with atomic_dir(Path(out), overwrite, protect=paths) as tmp:
         _write(opened, tmp, size, band, in_place=False)
+        manifest = {
+            "vitspec": vitspec.__version__,
+            "command": " ".join(sys.argv),
+            "folders": [{"kind": f.kind, "label": f.label, "path": str(f.path)} for f in opened],
+            "size": size,
+            "band": band,
+        }
+        (tmp / "report.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(out) / HTML
 
 

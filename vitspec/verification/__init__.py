@@ -16,16 +16,19 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
 import timm
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 import vitspec
+from vitspec.engine import Inputs, Weights, check_request, open_session, run, stderr_warn
 from vitspec.errors import VitspecError
+from vitspec.inputs import check_count
+from vitspec.outputs import OutputDir
 from vitspec.verification.result import CHECKS, VERIFY_COLUMNS, VerifyResult, summarise, table
 
 __all__ = ["CHECKS", "VERIFY_COLUMNS", "VerifyResult", "check_usage", "verify"]
@@ -42,16 +45,23 @@ def verify(
     strict: bool = True,
     images: str | Path | Iterable | None = None,
     num_images: int | None = None,
+    sample: str = "first",
+    sample_seed: int = 0,
     batch_size: int = 16,
     device: str = "auto",
     label: str | None = None,
     max_steps: int = 512,
     sizes: Sequence[int] | None = None,
     threads: int | None = 1,
-    progress: bool = False,
+    progress: bool | str = False,
     warn: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None,
     model_kwargs: dict | None = None,
+    img_size: int | None = None,
     featscale_form: str | None = None,
+    trust_checkpoint: bool = False,
+    out: str | Path | None = None,
+    overwrite: bool = False,
 ) -> VerifyResult:
     """Run every check of docs/verify.md on a model's attention (streamed over images), or on the
     synthetic suite (``synthetic=True``, no model).
@@ -60,10 +70,11 @@ def verify(
         model: a timm model name or alias, or an ``nn.Module`` used as is; None with
             ``synthetic=True``.
         synthetic: run the synthetic suite instead of a model.
-        ckpt, random_init, seed, ema, strict, model_kwargs, featscale_form: the weights, as in
-            ``analyze``
-            (``seed`` also seeds the random test vectors).
-        images, num_images, batch_size, device: the inputs, as in ``analyze``.
+        ckpt, random_init, seed, ema, strict, model_kwargs, img_size, featscale_form,
+            trust_checkpoint: the weights, as in ``analyze`` (``seed`` also seeds the random
+            test vectors).
+        images, num_images, sample, sample_seed, batch_size, device: the inputs, as in
+            ``analyze``.
         label: run label (default: checkpoint file stem or ``random-init``).
         max_steps: T, the most powers ``A^t`` lowpass_limit applies (it stops earlier once
             ``r_t < 1e-12``).
@@ -72,8 +83,9 @@ def verify(
             setting. The default 1 is deliberate: the checks are thousands of small float64
             LAPACK calls (SVDs of N x N matrices, batched by looping), which intra-op threads
             barely speed up and which slow down many-fold when the cores are shared.
-        progress: tqdm bar on stderr.
-        warn: receives one-line warnings (default: stderr).
+        progress, warn, log: as in ``analyze``.
+        out, overwrite: also write the folder there (as :meth:`VerifyResult.save`),
+            claimed before the work; ``overwrite`` replaces only a previous vitspec output.
 
     Returns:
         A :class:`VerifyResult`: ``.table`` (verify.csv), ``.info`` (verify.json),
@@ -84,24 +96,33 @@ def verify(
         >>> r.passed  # doctest: +SKIP
         True
     """
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise VitspecError(f"max_steps must be a whole number >= 1, got {max_steps!r}")
+    check_count(max_steps, "max_steps")
     check_usage(model, synthetic=synthetic, sizes=sizes, ckpt=ckpt, random_init=random_init)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise VitspecError(f"threads must be a whole number >= 1, got {threads!r}")
+    if threads is not None:
+        check_count(threads, "threads")
+    request = None
+    if not synthetic:  # every check before the model is built or an image read
+        weights = Weights(ckpt, random_init, seed, ema, strict, model_kwargs, featscale_form,
+                          img_size, trust_checkpoint)
+        inputs = Inputs(images, num_images, batch_size, sample, sample_seed)
+        request = dict(weights=weights, inputs=inputs,
+                       request=check_request(model, weights, inputs, device))
+    claim = OutputDir(out, overwrite=overwrite, protect=[images]) if out is not None else None
     start = time.perf_counter()
     saved = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        if synthetic:
-            return _synthetic(sizes, max_steps, seed, start)
-        return _model(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema,
-                      strict=strict, images=images, num_images=num_images,
-                      batch_size=batch_size, device=device, label=label, max_steps=max_steps,
-                      progress=progress, warn=warn, model_kwargs=model_kwargs,
-                      featscale_form=featscale_form, start=start)
+        with claim or nullcontext() as tmp:
+            if synthetic:
+                result = _synthetic(sizes, max_steps, seed, start)
+            else:
+                result = _model(model, request, label=label, max_steps=max_steps, seed=seed,
+                                progress=progress, warn=warn or stderr_warn, log=log,
+                                start=start)
+            if tmp is not None:
+                result.write(tmp)
+        return result
     finally:
         torch.set_num_threads(saved)
 
@@ -161,43 +182,27 @@ def _synthetic(sizes, max_steps: int, seed: int, start: float) -> VerifyResult:
     return VerifyResult(df, info, {"synthetic": pd.DataFrame(points)})
 
 
-def _model(model, *, ckpt, random_init, seed, ema, strict, images, num_images, batch_size, device,
-           label, max_steps, progress, warn, model_kwargs, featscale_form,
+def _model(model, request: dict, *, label, max_steps, seed, progress, warn, log,
            start) -> VerifyResult:
-    from vitspec.analysis import _stderr_warn, open_source, resolve_device
-    from vitspec.capture import capture
     from vitspec.verification.model import ModelVerifier
 
-    warn = warn or _stderr_warn
-    dev = resolve_device(device)
-    src = open_source(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema,
-                      strict=strict, model_kwargs=model_kwargs, featscale_form=featscale_form,
-                      images=images, num_images=num_images, batch_size=batch_size, device=dev,
-                      warn=warn)
-    loaded, net, adapter = src.loaded, src.net, src.adapter
-    verifier = ModelVerifier(adapter, dev, max_steps=max_steps, seed=seed)
-    bar = tqdm(total=src.total, unit="img", disable=not progress, file=sys.stderr, leave=False)
-    used = 0
-    with torch.inference_mode(), capture(
-        adapter, sites=("embed", "block"), on_tokens=verifier.on_tokens,
-        on_attention=verifier.on_attention, on_attn_branch=verifier.on_attn_branch,
-    ):
-        for batch in src.batches:
-            verifier.start_batch()
-            net(batch.to(dev, non_blocking=True))
-            bar.update(batch.shape[0])
-            used += batch.shape[0]
-    bar.close()
+    session = open_session(model, **request, warn=warn, log=log)
+    verifier = ModelVerifier(session.adapter, session.device, max_steps=max_steps, seed=seed)
+    done = run(session, [verifier], progress=progress, warn=warn, log=log)
     if not verifier.tallies:
-        raise VitspecError(f"no attention matrix was captured from {loaded.name}: its blocks "
-                           "expose no post-softmax attention (attn.attn_drop)")
-    ids = src.ids(label)
+        raise VitspecError(f"no attention matrix was captured from {session.loaded.name}: "
+                           "its blocks expose no square post-softmax attention")
+    ids = session.ids(label)
     df = table(verifier.tallies, ids, verifier.not_applicable())
     wall = time.perf_counter() - start
+    unavailable = done.unavailable.as_dict()
+    unavailable.update({f"checks at layer {layer}": why for layer, why in verifier.shapes.items()})
     info = {
-        **src.provenance(ids, used),
+        **session.provenance(ids, done.used),
         "num_heads": verifier.num_heads,
         "tokens": verifier.n_tokens,
+        "stages": done.stages,
+        "unavailable": unavailable,
         "seed": seed,
         "max_steps": max_steps,
         "tolerances": CHECKS,
@@ -208,7 +213,7 @@ def _model(model, *, ckpt, random_init, seed, ema, strict, images, num_images, b
         },
         "residual_rate": verifier.residual_note(),
         "dtype": "float32 forward, float64 checks",
-        **src.timing(used, wall),
+        **session.timing(done.used, wall),
         "summary": summarise(df),
     }
     data = {k: pd.DataFrame(v) for k, v in verifier.figure_data().items()}

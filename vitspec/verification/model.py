@@ -3,23 +3,24 @@
 A :class:`ModelVerifier` is the consumer the capture hooks call. For block ``l`` it holds the
 block input ``X_l``, the attention input ``Y_l``, the attention ``A_l`` and the branch output
 until the block returns, runs every check on them in float64, folds the outcomes into
-fixed-size :class:`~vitspec.verification.result.Tallies` and small figure summaries, and drops the
+fixed-size :class:`~vitspec.verification.tally.Tallies` and small figure summaries, and drops the
 tensors. Only the product paths (``[B, paths, N, k]``) live from one layer to the next, within a
 batch.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from vitspec.adapters import Adapter
 from vitspec.functional import attn_hc_gain
+from vitspec.sites import ATTN_IN, ATTN_OUT, PATTERN, RESID_POST, RESID_PRE
 from vitspec.verification import checks as ck
-from vitspec.verification.result import PREMISE, Tallies
+from vitspec.verification.summaries import figure_data
+from vitspec.verification.tally import PREMISE, Tallies
 
 RANDOM_PATHS = 8  # head paths with random head choices (Dong et al. 2021)
 REAL_COLS = 4  # real start vectors per trajectory set: random combinations of the real inputs
@@ -29,62 +30,26 @@ CURVE_LAYERS = 4  # layers whose r_t curves are kept for figure (a)
 
 @dataclass
 class BranchWeights:
-    """One block's attention branch in float64: ``MSA(Y) = sum_h A_h (Y w_v[h] + b_v[h]) w_o[h]
-    + b_o``, LayerScale folded into ``w_o`` and ``b_o``."""
+    """One block's attention branch on the checks' device (float64), with the per-head norms
+    ``||W_V^h W_O^h||_2``; see :class:`~vitspec.adapters.AttentionWeights`."""
 
     w_v: Tensor  # [H, C, d]
     b_v: Tensor | None  # [H, d]
-    w_o: Tensor | None  # [H, d, C]
+    w_o: Tensor  # [H, d, C]
     b_o: Tensor | None  # [C]
-    head_norms: Tensor | None  # [H]  ||W_V^h W_O^h||_2
+    head_norms: Tensor  # [H]
     msa_reason: str | None  # why msa_bound is not applicable (None: applicable)
 
 
-def branch_weights(block: nn.Module, device: torch.device) -> tuple[BranchWeights | None, str]:
-    """Per-head value and output projections of a timm ``Attention`` (qkv layout ``[3, H, d]``
-    along the output dimension); ``(None, reason)`` for other layouts."""
-    attn = getattr(block, "attn", None)
-    qkv, proj = getattr(attn, "qkv", None), getattr(attn, "proj", None)
-    heads = getattr(attn, "num_heads", None)
-    if not isinstance(qkv, nn.Linear) or not isinstance(proj, nn.Linear) or not heads:
-        return None, ("the attention module has no qkv / proj linear layers and num_heads "
-                      "(not timm's Attention layout)")
-    if qkv.out_features % (3 * heads) or proj.in_features * 3 != qkv.out_features:
-        return None, (f"qkv has {qkv.out_features} outputs, not 3 x heads x head_dim with "
-                      f"proj taking {proj.in_features}")
-    d = qkv.out_features // (3 * heads)
-    c_in = qkv.in_features
-    w = qkv.weight.detach().to(device, torch.float64)
-    w_v = w[2 * heads * d:].reshape(heads, d, c_in).transpose(1, 2).contiguous()
-    b_v = None
-    if qkv.bias is not None:
-        b_v = qkv.bias.detach().to(device, torch.float64)[2 * heads * d:].reshape(heads, d)
-    reason = None
-    norm = getattr(attn, "norm", None)
-    if norm is not None and not isinstance(norm, nn.Identity):
-        reason = (f"attn.norm is {type(norm).__name__} (scale_norm): it acts between the heads "
-                  "and proj, so the branch is not sum_h A_h Y W_V^h W_O^h")
-    elif getattr(attn, "gate", None) is not None:
-        reason = "gated attention: an input-dependent gate multiplies the heads before proj"
-    elif getattr(block, "feat_scale", None) is not None:
-        reason = ("FeatScale rescales the branch's DC and HC parts after proj: the branch is "
-                  "not sum_h A_h Y W_V^h W_O^h")
-    gamma = None
-    ls = getattr(block, "ls1", None)
-    if ls is not None and not isinstance(ls, nn.Identity):
-        gamma = getattr(ls, "gamma", None)
-        if gamma is None:
-            reason = reason or f"ls1 is {type(ls).__name__}, not timm's LayerScale"
-    elif isinstance(getattr(block, "gamma_1", None), Tensor):  # CaiT's LayerScaleBlock
-        gamma = block.gamma_1
-    w_o = proj.weight.detach().to(device, torch.float64).T.reshape(heads, d, -1)
-    b_o = None if proj.bias is None else proj.bias.detach().to(device, torch.float64)
-    if gamma is not None:
-        g = gamma.detach().to(device, torch.float64)
-        w_o = w_o * g
-        b_o = None if b_o is None else b_o * g
-    norms = ck.head_weight_norms(w_v, w_o)
-    return BranchWeights(w_v, b_v, w_o, b_o, norms, reason), ""
+def branch_weights(adapter: Adapter, layer: int, device: torch.device
+                   ) -> tuple[BranchWeights | None, str]:
+    """The adapter's reading of layer ``layer``'s branch on ``device``; ``(None, reason)``."""
+    w = adapter.attention_weights(layer)
+    if isinstance(w, str):
+        return None, w
+    move = [None if t is None else t.to(device, torch.float64) for t in (w.w_v, w.b_v, w.w_o,
+                                                                        w.b_o)]
+    return BranchWeights(*move, ck.head_weight_norms(move[0], move[2]), w.not_linear), ""
 
 
 class ModelVerifier:
@@ -107,9 +72,11 @@ class ModelVerifier:
         self.tallies = Tallies()
         self.weights: dict[int, BranchWeights | None] = {}
         self.weight_reasons: dict[int, str] = {}
-        for layer, block in enumerate(adapter.blocks, start=1):
-            self.weights[layer], self.weight_reasons[layer] = branch_weights(block, device)
+        for layer in range(1, self.depth + 1):
+            self.weights[layer], self.weight_reasons[layer] = branch_weights(adapter, layer,
+                                                                             device)
         self.premise_failed: dict[int, str] = {}
+        self.shapes: dict[int, str] = {}  # layers whose attention the checks do not apply to
         self.num_heads = 0
         self.n_tokens = 0
         self.batch = 0
@@ -123,23 +90,53 @@ class ModelVerifier:
         self._paths: ck.Trajectory | None = None
         self._path_heads: Tensor | None = None
 
-    # ---- capture callbacks -------------------------------------------------------------------
-    def start_batch(self) -> None:
+    # ---- consumer protocol ------------------------------------------------------------------
+    sites = frozenset({RESID_PRE, RESID_POST, ATTN_IN, ATTN_OUT, PATTERN})
+    _PARTS = {RESID_PRE: "x", ATTN_IN: "input", ATTN_OUT: "output", PATTERN: "attn"}
+
+    def start_batch(self, info=None) -> None:
         self._held.clear()
         self._paths = None
         self._gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batch)
         self.batch += 1
 
-    def on_tokens(self, site: str, layer: int, tokens: Tensor) -> None:
-        if site == "block":
+    def on(self, site: str, layer: int, x: Tensor) -> None:
+        if site == RESID_POST:
             self._process(layer)
-        self._held["x"] = tokens  # the next block's input
+        elif site == PATTERN and (x.dim() != 4 or x.shape[-1] != x.shape[-2]):
+            self.shapes.setdefault(layer, (
+                f"the attention at layer {layer} has shape {tuple(x.shape)}, not [B, H, N, N]: "
+                "the checks are stated for one square softmax matrix per head"))
+        else:
+            self._held[self._PARTS[site]] = x
 
-    def on_attention(self, layer: int, attn: Tensor) -> None:
-        self._held["attn"] = attn
+    def state(self) -> dict:
+        """Fixed-size state: tallies, figure sums and what was not applicable."""
+        return {"tallies": self.tallies, "sums": self._sums, "premise_failed": self.premise_failed,
+                "missing": self.missing, "naive": self.naive, "gain_diff": self.gain_diff,
+                "shapes": self.shapes, "num_heads": self.num_heads, "n_tokens": self.n_tokens}
 
-    def on_attn_branch(self, part: str, layer: int, tensor: Tensor) -> None:
-        self._held[part] = tensor
+    def merge_state(self, other: dict) -> None:
+        """Fold another verifier's :meth:`state` in (counts add, maxima take the larger)."""
+        self.tallies.merge(other["tallies"])
+        for key, value in other["sums"].items():
+            if key not in self._sums:
+                self._sums[key] = value.clone()
+            elif key.endswith("_max"):
+                self._sums[key] = torch.maximum(self._sums[key], value)
+            else:
+                self._sums[key] = self._sums[key] + value
+        for layer, (cases, exceed) in other["naive"].items():
+            mine = self.naive.setdefault(layer, [0, 0])
+            mine[0], mine[1] = mine[0] + cases, mine[1] + exceed
+        for layer, parts in other["missing"].items():
+            self.missing.setdefault(layer, set()).update(parts)
+        for name in ("premise_failed", "shapes"):
+            for layer, why in other[name].items():
+                getattr(self, name).setdefault(layer, why)
+        self.gain_diff = max(self.gain_diff, other["gain_diff"])
+        self.num_heads = max(self.num_heads, other["num_heads"])
+        self.n_tokens = max(self.n_tokens, other["n_tokens"])
 
     # ---- the checks on one block -------------------------------------------------------------
     def _randn(self, *shape: int) -> Tensor:
@@ -373,57 +370,7 @@ class ModelVerifier:
 
     def figure_data(self) -> dict[str, list[dict]]:
         """Small tables for the figures (means over images)."""
-        out: dict[str, list[dict]] = {"gains": [], "curves": [], "products": [], "blocks": []}
-        sums = self._sums
-        if "gains" in sums:
-            n = sums["gains_n"]
-            low = sums.get("lowpass")
-            for layer in range(1, self.depth + 1):
-                if n[layer] == 0:
-                    continue
-                for h in range(sums["gains"].shape[1]):
-                    g = sums["gains"][layer, h] / n[layer]
-                    row = {"layer": layer, "head": h, "s_a": g[0].item(),
-                           "s_a_max": sums["gains_max"][layer, h].item(), "norm": g[1].item(),
-                           "logit_bound": g[2].item(), "a": g[3].item()}
-                    if low is not None and sums["lowpass_n"][layer] > 0:
-                        lw = low[layer, h]
-                        row.update(decay_rate=(lw[0] / lw[1]).item() if lw[1] > 0 else math.nan,
-                                   steps=(lw[2] / sums["lowpass_n"][layer]).item(),
-                                   converged=(lw[3] / sums["lowpass_n"][layer]).item())
-                    out["gains"].append(row)
-        if "curves" in sums:
-            for layer in self.curve_layers:
-                lr, lb, cnt = sums["curves"][layer]
-                for h in range(lr.shape[0]):
-                    full = cnt[h, 0]
-                    if full == 0:
-                        continue
-                    for t in range(self.max_steps):
-                        if cnt[h, t] < full:
-                            break
-                        out["curves"].append({"layer": layer, "head": h, "t": t + 1,
-                                              "r": 10 ** (lr[h, t] / full).item(),
-                                              "bound": 10 ** (lb[h, t] / full).item()})
-        if "products" in sums:
-            for layer in range(1, self.depth + 1):
-                m = sums["products_n"][layer]
-                if m > 0:
-                    v = (sums["products"][layer] / m).tolist()
-                    out["products"].append({"layer": layer, "r_same": 10 ** v[0],
-                                            "bound_same": 10 ** v[1], "r_random": 10 ** v[2],
-                                            "bound_random": 10 ** v[3]})
-        if "blocks" in sums:
-            for layer in range(1, self.depth + 1):
-                m = sums["blocks_n"][layer]
-                if m > 0:
-                    v = (sums["blocks"][layer] / m).tolist()
-                    mx = sums["blocks_max"][layer].tolist()
-                    out["blocks"].append({"layer": layer, "gain": v[0], "gain_max": mx[0],
-                                          "bound": v[1], "rate": v[2], "rate_max": mx[1],
-                                          "rate_bound": v[3], "one_plus_bound": v[4],
-                                          "hc_y_over_hc_x": v[5]})
-        return out
+        return figure_data(self._sums, self.depth, self.curve_layers, self.max_steps)
 
 
 def _take(outcome: ck.Outcome, h: int) -> ck.Outcome:

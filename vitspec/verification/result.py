@@ -1,7 +1,7 @@
 """``VerifyResult``: the verify.csv table, the verify.json summary and the figures' small tables.
 
 Plain data (pandas and dicts, no tensors); saved all-or-nothing with
-:func:`vitspec.results.atomic_dir`.
+:func:`vitspec.outputs.atomic_dir`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 import pandas as pd
 
 from vitspec.errors import VitspecError
-from vitspec.results import atomic_dir
+from vitspec.outputs import atomic_dir, read_info
 from vitspec.verification.checks import PREMISE_TOL, RECON_TOL, RTOL
+from vitspec.verification.tally import PREMISE, Tallies, Tally  # noqa: F401 (re-exported)
 
 VERIFY_COLUMNS = ["run", "model", "checkpoint", "check", "layer", "head", "cases", "violations",
                   "max_slack", "tolerance", "status", "reason"]
@@ -34,45 +35,7 @@ CHECKS: dict[str, float] = {
     "msa_reconstruction": RECON_TOL,
     "attnscale_gain": RTOL,
 }
-PREMISE = "row_stochastic"
 FILES = ("verify.csv", "verify.json")
-
-
-class Tally:
-    """Fixed-size streaming counters of one (check, layer, head): cases, violations, max slack.
-
-    Example:
-        >>> import torch
-        >>> from vitspec.verification.checks import Outcome
-        >>> t = Tally()
-        >>> t.add(Outcome(torch.tensor([0.5, 2.0]), torch.tensor([False, True])))
-        >>> t.cases, t.violations, t.max_slack
-        (2, 1, 2.0)
-    """
-
-    def __init__(self) -> None:
-        self.cases = 0
-        self.violations = 0
-        self.max_slack = 0.0
-
-    def add(self, outcome) -> None:
-        slack = outcome.slack.detach().reshape(-1).double()
-        if slack.numel() == 0:
-            return
-        self.cases += slack.numel()
-        self.violations += int(outcome.violated.sum())
-        slack = slack.nan_to_num(nan=math.inf)
-        self.max_slack = max(self.max_slack, float(slack.max()))
-
-
-class Tallies(dict):
-    """``(check, layer, head) -> Tally``, created on first use."""
-
-    def add(self, check: str, layer: int | None, head: int | None, outcome) -> None:
-        key = (check, layer, head)
-        if key not in self:
-            self[key] = Tally()
-        self[key].add(outcome)
 
 
 def table(tallies: Tallies, ids: dict, na: dict[tuple, str]) -> pd.DataFrame:
@@ -125,6 +88,7 @@ def summarise(df: pd.DataFrame) -> dict:
         status = ("fail" if (rows["status"] == "fail").any() else
                   "pass" if not applicable.empty else "not-applicable")
         failing = rows[rows["status"] == "fail"]
+        na = rows[rows["status"] == "not-applicable"]
         checks[name] = {
             "status": status,
             "cases": int(applicable["cases"].sum()),
@@ -132,11 +96,29 @@ def summarise(df: pd.DataFrame) -> dict:
             "max_slack": float(applicable["max_slack"].max()) if not applicable.empty else None,
             "tolerance": CHECKS[name],
             "failing": [_where(r) for r in failing.itertuples()],
-            "not_applicable": sorted(set(rows.loc[rows["status"] == "not-applicable",
-                                                  "reason"])),
+            "not_applicable": sorted(set(na["reason"])),
+            "not_applicable_layers": sorted({int(v) for v in na["layer"].dropna()}),
         }
     failed = [name for name, c in checks.items() if c["status"] == "fail"]
     return {"status": "fail" if failed else "pass", "failed_checks": failed, "checks": checks}
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """``[5, 6, 7, 9]`` -> ``'layers 5-7, 9'``.
+
+    Example:
+        >>> layer_ranges([5, 6, 7, 9]), layer_ranges([3]), layer_ranges([])
+        ('layers 5-7, 9', 'layer 3', '')
+    """
+    if not layers:
+        return ""
+    parts, start = [], layers[0]
+    for prev, cur in zip(layers, [*layers[1:], None]):
+        if cur is None or cur != prev + 1:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    word = "layer" if len(layers) == 1 else "layers"
+    return f"{word} {', '.join(parts)}"
 
 
 def _where(row) -> str:
@@ -181,7 +163,11 @@ class VerifyResult:
             if status is not None and c["status"] != status:
                 continue
             slack = "n/a" if c["max_slack"] is None else f"{c['max_slack']:.4g}"
-            line = (f"{name:<19} {c['status'].upper():<14} cases {c['cases']:<8} "
+            verdict = c["status"].upper()
+            if c["not_applicable"] and c["status"] != "not-applicable":
+                layers = layer_ranges(c.get("not_applicable_layers", []))
+                verdict += f" (n/a at {layers})" if layers else " (partly n/a)"
+            line = (f"{name:<19} {verdict:<14} cases {c['cases']:<8} "
                     f"violations {c['violations']:<5} max slack {slack:<10} "
                     f"tol {c['tolerance']:g}")
             if c["failing"]:
@@ -194,15 +180,19 @@ class VerifyResult:
 
     def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
         """Write verify.csv and verify.json (with the figures' tables) into ``out``, all or
-        nothing; ``vitspec.report(out)`` draws the figures from them."""
-        out = Path(out)
+        nothing; ``overwrite`` replaces only a previous vitspec output. ``vitspec.report(out)``
+        draws the figures from them."""
         with atomic_dir(out, overwrite) as tmp:
-            self.table.to_csv(tmp / "verify.csv", index=False, float_format="%.10g")
-            info = {**self.info, "figure_data": {k: v.to_dict(orient="list")
-                                                 for k, v in self.figure_data.items()}}
-            text = json.dumps(_jsonable(info), indent=2, default=str, allow_nan=False)
-            (tmp / "verify.json").write_text(text + "\n")
-        return out
+            self.write(tmp)
+        return Path(out)
+
+    def write(self, folder: Path) -> None:
+        """Write the verify files into an existing (temporary) folder."""
+        self.table.to_csv(folder / "verify.csv", index=False, float_format="%.10g")
+        info = {**self.info, "figure_data": {k: v.to_dict(orient="list")
+                                             for k, v in self.figure_data.items()}}
+        text = json.dumps(_jsonable(info), indent=2, default=str, allow_nan=False)
+        (folder / "verify.json").write_text(text + "\n")
 
     @classmethod
     def load(cls, out: str | Path) -> VerifyResult:
@@ -215,7 +205,7 @@ class VerifyResult:
         df = pd.read_csv(out / "verify.csv", dtype={"layer": "Int64", "head": "Int64"},
                          keep_default_na=False, na_values=[""])
         df["reason"] = df["reason"].astype(object).fillna("")
-        info = json.loads((out / "verify.json").read_text())
+        info = read_info(out / "verify.json")
         data = {k: pd.DataFrame(v) for k, v in info.pop("figure_data", {}).items()}
         return cls(table=df, info=info, figure_data=data)
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from vitspec.functional import double_centre
 from vitspec.verification import checks as ck
-from vitspec.verification.result import PREMISE, Tallies
+from vitspec.verification.tally import PREMISE, Tallies
 
 SIZES = (16, 64, 197, 577)
 WIDTHS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)

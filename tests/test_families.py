@@ -1,0 +1,574 @@
+"""Every attention family beyond the plain ViT, on a tiny random-init instance and two images.
+
+Per family: the adapter and its layer count, token counts per layer (worked out by hand from the
+tiny configuration: grids, strides, prefix tokens), the emitted pattern shapes, rows summing to 1,
+raster token order against the model's own maps, the patterns against the softmax the model's
+code actually computed (recorded by patching the softmax), one hand recomputation where the
+layout is easy to get wrong (Swin's shifted windows, MaxViT's dilated grid windows, linear
+attention), the stated reasons for what is missing, and an end-to-end ``vitspec.analyze``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vitspec
+from vitspec.adapters import get_adapter
+from vitspec.capture import capture
+from vitspec.sites import PATTERN, RESID_MID, SITES
+
+B = 2
+
+
+def _halonet() -> nn.Module:
+    from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
+
+    cfg = ByoModelCfg(
+        blocks=(
+            ByoBlockCfg(type="bottle", d=1, c=32, s=1, gs=0, br=0.25),
+            ByoBlockCfg(type="self_attn", d=2, c=64, s=2, gs=0, br=0.25),
+        ),
+        stem_chs=16,
+        self_attn_layer="halo",
+        self_attn_kwargs=dict(block_size=4, halo_size=1, num_heads=2),
+    )
+    return ByobNet(cfg)
+
+
+def _volo() -> nn.Module:
+    from timm.models.volo import VOLO  # create_model cannot override volo_d1's layers
+
+    return VOLO(
+        img_size=64, layers=(1, 1, 1, 1), embed_dims=(32, 64, 64, 64), num_heads=(1, 2, 2, 2)
+    )
+
+
+def _timm(name: str, **kwargs):
+    return lambda: timm.create_model(name, pretrained=False, **kwargs)
+
+
+@dataclass
+class Case:
+    """One tiny family instance and what it must show (numbers worked out by hand)."""
+
+    build: object
+    size: int
+    adapter: str
+    tokens: list[int]  # N for layers 0..L
+    patterns: dict[int, tuple]  # layer -> emitted pattern shape
+    missing: dict[str, str] = field(default_factory=dict)  # site -> words of the reason
+    recorded: object = None  # emitted pattern -> the softmax's layout; "reshape": same order
+
+
+def _windows_flat(p):  # [B, nW, H, n, n] -> timm's [B*nW, H, n, n]
+    return p.flatten(0, 1)
+
+
+CASES = {
+    # 56 / 4 = 14x14 (4 windows of 7x7; block 2 shifted by 3), merged to 7x7 (one window)
+    "swin": Case(
+        _timm(
+            "swin_tiny_patch4_window7_224",
+            img_size=56,
+            embed_dim=24,
+            depths=(2, 2),
+            num_heads=(2, 2),
+        ),
+        56,
+        "SwinAdapter",
+        [196, 196, 196, 49, 49],
+        {1: (B, 4, 2, 49, 49), 2: (B, 4, 2, 49, 49), 3: (B, 1, 2, 49, 49), 4: (B, 1, 2, 49, 49)},
+        recorded=_windows_flat,
+    ),
+    # 64 / 4 = 16x16 (4 windows of 8x8), then 8x8
+    "swinv2": Case(
+        _timm(
+            "swinv2_tiny_window8_256", img_size=64, embed_dim=24, depths=(2, 2), num_heads=(2, 2)
+        ),
+        64,
+        "SwinAdapter",
+        [256, 256, 256, 64, 64],
+        {1: (B, 4, 2, 64, 64), 2: (B, 4, 2, 64, 64), 3: (B, 1, 2, 64, 64), 4: (B, 1, 2, 64, 64)},
+        recorded=_windows_flat,
+    ),
+    # stem /2: 32x32; stage 1 /2: 16x16, partition 64/32 = 2 (n = 4, 64 windows), heads 16/8;
+    # stage 2: 8x8 (16 windows), heads 32/8. Layers: MBConv, block, grid per stage.
+    "maxvit": Case(
+        _timm(
+            "maxvit_tiny_tf_224",
+            img_size=64,
+            embed_dim=(16, 32),
+            depths=(1, 1),
+            block_type=("M", "M"),
+            stem_width=8,
+            transformer_dim_head=8,
+        ),
+        64,
+        "MaxVitAdapter",
+        [1024, 256, 256, 256, 64, 64, 64],
+        {2: (B, 64, 2, 4, 4), 3: (B, 64, 2, 4, 4), 5: (B, 16, 4, 4, 4), 6: (B, 16, 4, 4, 4)},
+        {PATTERN: "MBConv", RESID_MID: "MBConv"},
+        recorded=_windows_flat,
+    ),
+    # 56 / 4 = 14x14 (4 windows), then 7x7; spatial and channel block per stage
+    "davit": Case(
+        _timm("davit_tiny", embed_dims=(16, 32), depths=(1, 1), num_heads=(2, 2)),
+        56,
+        "DaVitAdapter",
+        [196, 196, 196, 49, 49],
+        {1: (B, 4, 2, 49, 49), 3: (B, 1, 2, 49, 49)},
+        {PATTERN: "channel attention"},
+        recorded=_windows_flat,
+    ),
+    # 112 / 4 = 28x28: 16 local windows, global keys 28/4 = 7x7; 14x14: 4 windows, 7x7 keys;
+    # 7x7: one window, global without reduction (square)
+    "twins": Case(
+        _timm(
+            "twins_svt_small",
+            img_size=112,
+            embed_dims=(16, 32, 64),
+            depths=(2, 2, 2),
+            num_heads=(1, 2, 4),
+            mlp_ratios=(2, 2, 2),
+            sr_ratios=(4, 2, 1),
+            wss=(7, 7, 7),
+        ),
+        112,
+        "TwinsAdapter",
+        [784, 784, 784, 196, 196, 49, 49],
+        {
+            1: (B, 16, 1, 49, 49),
+            2: (B, 1, 784, 49),
+            3: (B, 4, 2, 49, 49),
+            4: (B, 2, 196, 49),
+            5: (B, 1, 4, 49, 49),
+            6: (B, 4, 49, 49),
+        },
+    ),
+    # 224 / 16 = 14x14 (4 windows of 7x7), 7x7 (one), 4x4 (window 4); 4 heads
+    "efficientvit_m": Case(
+        _timm("efficientvit_m0"),
+        224,
+        "EfficientVitMAdapter",
+        [196, 196, 49, 49, 16, 16, 16],
+        {
+            1: (B, 4, 4, 49, 49),
+            2: (B, 1, 4, 49, 49),
+            3: (B, 1, 4, 49, 49),
+            4: (B, 1, 4, 16, 16),
+            5: (B, 1, 4, 16, 16),
+            6: (B, 1, 4, 16, 16),
+        },
+        recorded=lambda p: [_windows_flat(p)[:, h] for h in range(p.shape[2])],
+    ),
+    # stem 64/2 = 32, stages /2: 16, 8, 4, 2; LiteMLA in stages 3-4: heads 64/16 and 128/16,
+    # doubled by the one aggregation scale
+    "efficientvit_mit": Case(
+        _timm("efficientvit_b0"),
+        64,
+        "EfficientVitMitAdapter",
+        [1024, 256, 256, 64, 64, 16, 16, 16, 4, 4, 4],
+        {6: (B, 8, 16, 16), 7: (B, 8, 16, 16), 9: (B, 16, 4, 4), 10: (B, 16, 4, 4)},
+        {PATTERN: "MBConv", RESID_MID: "MBConv"},
+    ),
+    # (64 - 16) / 8 + 1 = 7x7 (+1 class), pooled to 4x4, 2x2
+    "pit": Case(
+        _timm("pit_ti_224", img_size=64),
+        64,
+        "PiTAdapter",
+        [50, 50, 50] + [17] * 6 + [5] * 4,
+        {
+            **{n: (B, 2, 50, 50) for n in (1, 2)},
+            **{n: (B, 4, 17, 17) for n in range(3, 9)},
+            **{n: (B, 8, 5, 5) for n in range(9, 13)},
+        },
+    ),
+    # 128 / 16 = 8x8, subsampled to 4x4 and 2x2 (queries on the strided grid)
+    "levit": Case(
+        _timm("levit_128s", img_size=128),
+        128,
+        "LevitAdapter",
+        [64, 64, 64, 16, 16, 16, 16, 4, 4, 4, 4, 4],
+        {
+            1: (B, 4, 64, 64),
+            2: (B, 4, 64, 64),
+            3: (B, 8, 16, 64),
+            4: (B, 6, 16, 16),
+            5: (B, 6, 16, 16),
+            6: (B, 6, 16, 16),
+            7: (B, 16, 4, 16),
+            **{n: (B, 8, 4, 4) for n in range(8, 12)},
+        },
+    ),
+    # 64 / 4 = 16x16, 8x8, 4x4, 2x2; keys reduced by 8, 4, 2 to 2x2, last stage square
+    "pvt_v2": Case(
+        _timm("pvt_v2_b0", depths=(1, 1, 1, 1)),
+        64,
+        "PvtV2Adapter",
+        [256, 256, 64, 16, 4],
+        {1: (B, 1, 256, 4), 2: (B, 2, 64, 4), 3: (B, 5, 16, 4), 4: (B, 8, 4, 4)},
+    ),
+    # stem /4: 16x16; bottleneck; halo stage /2: 8x8, 4 blocks of 4x4 queries over 6x6 keys
+    "halonet": Case(
+        _halonet,
+        64,
+        "HaloNetAdapter",
+        [256, 256, 64, 64],
+        {2: (B, 2, 64, 36), 3: (B, 2, 64, 36)},
+        {PATTERN: "bottleneck", RESID_MID: "bottleneck branch"},
+        recorded="reshape",  # timm's [B*H, blocks, queries per block, 6x6], in the same order
+    ),
+    # branch 1: 120 / 12 = 10x10 + 1; branch 2: 120*224/240 = 112 / 16 = 7x7 + 1; then fusions
+    "crossvit": Case(
+        _timm(
+            "crossvit_tiny_240",
+            img_size=120,
+            depth=((1, 2, 0),),
+            embed_dim=(24, 48),
+            num_heads=(2, 2),
+            mlp_ratio=(2, 2, 1),
+        ),
+        120,
+        "CrossVitAdapter",
+        [101, 101, 50, 50, 101, 50],
+        {
+            1: (B, 2, 101, 101),
+            2: (B, 2, 50, 50),
+            3: (B, 2, 50, 50),
+            4: (B, 2, 1, 50),
+            5: (B, 2, 1, 101),
+        },
+        {RESID_MID: "only the class token"},
+    ),
+    # patch 8: 8x8 outlook (16 windows at stride 2), downsampled 4x4 transformers, class blocks
+    "volo": Case(
+        _volo,
+        64,
+        "VoloAdapter",
+        [64, 64, 16, 16, 16, 17, 17],
+        {
+            1: (B, 16, 1, 9, 9),
+            2: (B, 2, 16, 16),
+            3: (B, 2, 16, 16),
+            4: (B, 2, 16, 16),
+            5: (B, 2, 1, 17),
+            6: (B, 2, 1, 17),
+        },
+        {RESID_MID: "class token"},
+        recorded=lambda p: p.transpose(1, 2) if p.dim() == 5 else p,
+    ),
+    # 64 / 16 = 4x4 patches (+1 class) of 4x4 pixels; inner and outer layer per block
+    "tnt": Case(
+        _timm(
+            "tnt_s_patch16_224",
+            img_size=64,
+            depth=2,
+            embed_dim=48,
+            inner_dim=12,
+            num_heads_outer=2,
+            num_heads_inner=1,
+        ),
+        64,
+        "TntAdapter",
+        [17] * 5,
+        {1: (B, 16, 1, 16, 16), 2: (B, 2, 17, 17), 3: (B, 16, 1, 16, 16), 4: (B, 2, 17, 17)},
+        {RESID_MID: "pixel tokens"},
+        recorded=lambda p: _windows_flat(p) if p.dim() == 5 else p,
+    ),
+    # 128 / 16 = 8x8 (identity mixers), 4x4, 2x2 (single head)
+    "shvit": Case(
+        _timm("shvit_s1"),
+        128,
+        "SHViTAdapter",
+        [64] * 3 + [16] * 4 + [4] * 5,
+        {**{n: (B, 1, 16, 16) for n in range(3, 7)}, **{n: (B, 1, 4, 4) for n in range(7, 12)}},
+        {PATTERN: "identity"},
+        recorded=lambda p: p[:, 0],
+    ),
+    # 64 / 16 = 4x4, two XCA blocks, two class-attention blocks (+1 class token)
+    "xcit": Case(
+        _timm("xcit_nano_12_p16_224", depth=2, img_size=64),
+        64,
+        "XcitAdapter",
+        [16, 16, 16, 17, 17],
+        {3: (B, 4, 1, 17), 4: (B, 4, 1, 17)},
+        {PATTERN: "channels"},
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def family(request):
+    torch.manual_seed(0)
+    case = CASES[request.param]
+    model = case.build().eval()
+    return request.param, case, model, torch.randn(B, 3, case.size, case.size)
+
+
+def _observe(adapter, model, x, sites=SITES):
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+    with torch.no_grad(), capture(adapter, sites, lambda s, n, t: seen.__setitem__((s, n), t)):
+        model(x)
+    return seen
+
+
+def _value_heads(linear: nn.Module, tokens: torch.Tensor, heads: int, bias=None) -> torch.Tensor:
+    """``[..., n, H, d]``: the value part of a fused ``qkv`` linear (q, k, v blocks of H*d)."""
+    w = linear.weight[2 * linear.weight.shape[0] // 3 :]
+    b = linear.bias[2 * w.shape[0] :] if bias is None and linear.bias is not None else bias
+    v = F.linear(tokens, w, b)
+    return v.reshape(*v.shape[:-1], heads, -1)
+
+
+def _record(module: nn.Module, when: str, store: dict, key):
+    if when == "input":
+        return module.register_forward_pre_hook(lambda _m, a: store.__setitem__(key, a[0]))
+    return module.register_forward_hook(lambda _m, _a, o: store.__setitem__(key, o))
+
+
+def test_layers_tokens_and_patterns(family):
+    name, case, model, x = family
+    adapter = get_adapter(model)
+    assert type(adapter).__name__ == case.adapter
+    assert adapter.depth == len(case.tokens) - 1
+    geometry = adapter.geometry((case.size, case.size))
+    assert [g.tokens for g in geometry] == case.tokens
+    seen = _observe(adapter, model, x)
+    patterns = {n: tuple(t.shape) for (s, n), t in seen.items() if s == PATTERN}
+    assert patterns == case.patterns
+    for (site, n), t in seen.items():
+        if site == PATTERN:
+            torch.testing.assert_close(t.sum(-1), torch.ones_like(t.sum(-1)), atol=1e-5, rtol=0)
+        elif site != "resid_pre" or n == 1:  # later resid_pre follow downsampling
+            g = geometry[n if site != "resid_pre" else 0]
+            assert t.shape == (B, g.tokens, g.channels), (site, n)
+    unavailable = adapter.unavailable()
+    for site, words in case.missing.items():
+        assert words in unavailable[site]
+
+
+def test_tokens_in_raster_order(family):
+    """The emitted block outputs against the model's own NHWC / NCHW maps, indexed by hand."""
+    name, case, model, x = family
+    adapter = get_adapter(model)
+    raw, handles = {}, []
+    for n, layer in enumerate(adapter.layers, start=1):
+        if layer.layout in ("nhwc", "nchw"):
+            handles.append(_record(layer.post.module, "output", raw, n))
+    try:
+        seen = _observe(adapter, model, x, {"resid_post"})
+    finally:
+        for h in handles:
+            h.remove()
+    geometry = adapter.geometry((case.size, case.size))
+    for n, out in raw.items():
+        tokens, (h, w) = seen[("resid_post", n)], geometry[n].grid
+        r, c = h - 1, w // 2
+        own = out[:, r, c, :] if adapter.layers[n - 1].layout == "nhwc" else out[:, :, r, c]
+        torch.testing.assert_close(tokens[:, geometry[n].prefix + r * w + c], own)
+
+
+@pytest.fixture
+def softmaxes(monkeypatch):
+    """Every softmax output computed by timm's code during the test (not vitspec's replays)."""
+    out: list[torch.Tensor] = []
+    tensor_softmax, functional_softmax = torch.Tensor.softmax, F.softmax
+
+    def from_timm() -> bool:
+        return "timm" in sys._getframe(2).f_code.co_filename.replace("\\", "/").split("/")
+
+    def method(self, *args, **kwargs):
+        result = tensor_softmax(self, *args, **kwargs)
+        if from_timm():
+            out.append(result)
+        return result
+
+    def function(x, *args, **kwargs):
+        result = functional_softmax(x, *args, **kwargs)
+        if from_timm() or "torch" in sys._getframe(1).f_code.co_filename:
+            out.append(result)
+        return result
+
+    monkeypatch.setattr(torch.Tensor, "softmax", method)
+    monkeypatch.setattr(F, "softmax", function)
+    return out
+
+
+def test_patterns_are_the_softmax_the_model_computes(family, softmaxes):
+    name, case, model, x = family
+    if name == "efficientvit_mit":
+        pytest.skip(
+            "linear attention has no softmax: see test_linear_attention_reproduces_the_module"
+        )
+    seen = _observe(get_adapter(model), model, x, {PATTERN})
+    for n, p in sorted((n, t) for (s, n), t in seen.items() if s == PATTERN):
+        wanted = case.recorded(p) if callable(case.recorded) else p
+        for part in wanted if isinstance(wanted, list) else [wanted]:
+            found = [
+                r.reshape(part.shape) if case.recorded == "reshape" else r
+                for r in softmaxes
+                if r.numel() == part.numel()
+            ]
+            assert any(
+                r.shape == part.shape and torch.allclose(r, part, atol=1e-6) for r in found
+            ), f"layer {n}: no softmax of the model equals the emitted pattern"
+
+
+@pytest.mark.parametrize("name", ["swin", "swinv2", "maxvit"])
+def test_window_attention_by_hand(name):
+    """A of window (i, j) times the values of the tokens gathered by hand from the map (after
+    the cyclic shift; MaxViT's grid windows: the dilated positions) gives the attention's
+    output before ``proj``: the emitted windows are the model's, in the stated token order."""
+    torch.manual_seed(0)
+    case = CASES[name]
+    model = case.build().eval()
+    x = torch.randn(B, 3, case.size, case.size)
+    adapter = get_adapter(model)
+    if name == "maxvit":  # grid partition of stage 1 (layer 3), channels-last
+        part = model.stages[0].blocks[0].attn_grid
+        layers = {3: (part.norm1, part.attn, (0, 0), "grid", part.partition_size[0])}
+    else:  # unshifted block (layer 1) and shifted block (layer 2) of stage 1
+        blocks = model.layers[0].blocks
+        layers = {
+            n: (
+                b.norm1 if name == "swin" else None,
+                b.attn,
+                b.shift_size,
+                "block",
+                b.window_size[0],
+            )
+            for n, b in enumerate(blocks, start=1)
+        }
+    store, handles = {}, []
+    for n, (norm, attn, *_rest) in layers.items():
+        block = adapter.layers[n - 1].post.module
+        handles.append(
+            _record(
+                norm if norm is not None else block,
+                "output" if norm else "input",
+                store,
+                ("map", n),
+            )
+        )
+        handles.append(_record(attn.proj, "input", store, ("proj_in", n)))
+    try:
+        seen = _observe(adapter, model, x, {PATTERN})
+    finally:
+        for h in handles:
+            h.remove()
+    for n, (_norm, attn, shift, kind, size) in layers.items():
+        grid = store[("map", n)].roll((-shift[0], -shift[1]), dims=(1, 2))
+        hh, ww = grid.shape[1:3]
+        a, proj_in = seen[(PATTERN, n)], store[("proj_in", n)]
+        heads = a.shape[2]
+        windows = [(i, j) for i in range(hh // size) for j in range(ww // size)]
+        for w, (i, j) in enumerate(windows):
+            if kind == "grid":  # tokens (r * hh/size + i, c * ww/size + j) for r, c < size
+                tok = grid[:, i :: hh // size, j :: ww // size]
+            else:
+                tok = grid[:, i * size : (i + 1) * size, j * size : (j + 1) * size]
+            tok = tok.reshape(B, size * size, -1)
+            bias = attn.v_bias if name == "swinv2" else None  # v2: q, k, v biases apart
+            v = _value_heads(attn.qkv, tok, heads, bias=bias)
+            mixed = torch.einsum("bhnm,bmhd->bnhd", a[:, w], v).flatten(2)
+            torch.testing.assert_close(
+                mixed,
+                proj_in.reshape(B, len(windows), size * size, -1)[:, w],
+                atol=1e-5,
+                rtol=1e-4,
+            )
+
+
+def test_linear_attention_reproduces_the_module():
+    """EfficientViT-MIT: A V (values from the module's own qkv and aggregation, recomputed here)
+    equals LiteMLA's output before ``proj`` up to its eps: out_i = (A V)_i s_i / (s_i + eps)."""
+    torch.manual_seed(0)
+    case = CASES["efficientvit_mit"]
+    model = case.build().eval()
+    x = torch.randn(B, 3, case.size, case.size)
+    adapter = get_adapter(model)
+    store, handles = {}, []
+    for n, layer in enumerate(adapter.layers, start=1):
+        if layer.pattern is not None:
+            mla = layer.pattern.module
+            handles += [
+                _record(mla, "input", store, ("in", n)),
+                _record(mla.proj, "input", store, ("out", n)),
+            ]
+    try:
+        seen = _observe(adapter, model, x, {PATTERN})
+    finally:
+        for h in handles:
+            h.remove()
+    for n in case.patterns:
+        mla, inp = adapter.layers[n - 1].pattern.module, store[("in", n)]
+        hw = inp.shape[-2:]
+        qkv = mla.qkv(inp)
+        multi = torch.cat([qkv, *(op(qkv) for op in mla.aggreg)], dim=1)
+        multi = multi.reshape(B, -1, 3 * mla.dim, hw[0] * hw[1]).transpose(-1, -2)
+        q, k, v = multi.chunk(3, dim=-1)
+        scores = F.relu(q) @ F.relu(k).transpose(-1, -2)  # explicit N x N, independent of vitspec
+        sums = scores.sum(-1, keepdim=True)
+        a = seen[(PATTERN, n)]
+        torch.testing.assert_close(a, scores / sums, atol=1e-6, rtol=1e-5)
+        out = (a @ v) * sums / (sums + mla.eps)
+        torch.testing.assert_close(
+            out.transpose(-1, -2).reshape(B, -1, *hw), store[("out", n)], atol=1e-5, rtol=1e-4
+        )
+
+
+def test_cascaded_attention_replay_matches_the_module():
+    """EfficientViT-M: the replayed heads give the module's own output on its own input."""
+    from vitspec.adapters.efficientvit_m import cascaded_attention
+
+    torch.manual_seed(0)
+    case = CASES["efficientvit_m"]
+    model = case.build().eval()
+    cga = model.stages[0].blocks[0].mixer.m.attn
+    store = {}
+    handles = [_record(cga, "input", store, "in"), _record(cga, "output", store, "out")]
+    try:
+        with torch.no_grad():
+            model(torch.randn(B, 3, case.size, case.size))
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        _a, out = cascaded_attention(cga, store["in"])
+    torch.testing.assert_close(out, store["out"])
+
+
+def test_analyze_end_to_end(family):
+    """Attention rows where the family has a pattern, the stated reasons where not, and the
+    model is left as it was (same output, fused attention switches restored)."""
+    name, case, model, x = family
+    fused = {
+        m: m.fused_attn for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)
+    }
+    with torch.no_grad():
+        before = model(x)
+    warnings = []
+    result = vitspec.analyze(
+        model, images=[x], metrics="hc_dc_ratio,attn_entropy", warn=warnings.append, pipeline=False
+    )
+    table = result.metrics
+    attn = table[(table.site == "attn") & (table.metric == "attn_entropy") & (table["head"] == -1)]
+    assert sorted(attn.layer) == sorted(case.patterns)
+    blocks = table[(table.site == "block") & (table.metric == "hc_dc_ratio")]
+    assert sorted(blocks.layer) == list(range(1, len(case.tokens)))
+    stated = result.info["unavailable"]
+    for site, words in case.missing.items():
+        if site == PATTERN:
+            assert any(k.startswith(f"{site} at layers") and words in v for k, v in stated.items())
+    stages = result.info["stages"]
+    assert stages[0]["first_layer"] == 1 and stages[-1]["last_layer"] == len(case.tokens) - 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=0, rtol=0)
+    assert {m: m.fused_attn for m in fused} == fused
