@@ -60,7 +60,7 @@ def header(info: dict, label: str | None = None) -> str:
 def title(fig: Figure, text: str, size: str) -> None:
     """A suptitle wrapped to the figure's width (no text runs off a column-wide figure)."""
     chars = int(WIDTHS[size] * 11.5)
-    fig.suptitle("\n".join(textwrap.wrap(text, chars)))
+    fig.suptitle("\n".join(textwrap.wrap(text, chars, break_on_hyphens=False)))
 
 
 def legend_below(fig: Figure, axes, ncols: int = 4) -> None:
@@ -248,7 +248,7 @@ def run_figures(
         log_n = plot_head_map(axes[0], result, entropy[0])
         title(fig, f"{head}: {entropy[0]} per layer and head", size)
         mark = (
-            f"the red line on the colour bar is log N = {log_n:.3f} nats, the entropy of "
+            f"the black line on the colour bar is log N = {log_n:.3f} nats, the entropy of "
             "uniform attention over N tokens"
             if log_n is not None
             else "log N is not marked: the token count changes with the layer"
