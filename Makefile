@@ -34,7 +34,7 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff format --check vitspec tests benchmarks experiments scripts
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/throughput.py --num-images 64 --repeats 3 --inline
+	$(PY) benchmarks/throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -21,10 +21,12 @@ from vitspec.engine import (
     stderr_warn,
 )
 from vitspec.errors import VitspecError, option
+from vitspec.merge import distributed_device, gather_ranks
 from vitspec.metrics import MetricSpec, list_metrics
 from vitspec.outputs import OutputDir
 from vitspec.results import METRIC_COLUMNS, SPECTRA_COLUMNS, Result, moments_frame, validate
 from vitspec.scaling import techniques
+from vitspec.shards import ShardBatches, distributed_shard, parse_shard, plain_state
 from vitspec.sites import Unavailable
 
 
@@ -78,6 +80,7 @@ def analyze(
     pipeline: bool = True,
     out: str | Path | None = None,
     overwrite: bool = False,
+    shard: str | tuple[int, int] | None = None,
 ) -> Result:
     """Capture every block's tokens and attention on a set of images and reduce them to metrics.
 
@@ -123,6 +126,11 @@ def analyze(
             draws its figures), claimed before the work: an unwritable or occupied location
             fails at once, not after the analysis.
         overwrite: replace a previous vitspec output at ``out`` (never anything else).
+        shard: ``"K/N"``: analyse only part K of N of the batches (batch b when b mod N = K;
+            :mod:`vitspec.shards`) and keep the mergeable state (``Result.state``, written as
+            state.pt). Under ``torchrun`` each rank is a shard by itself: the states are
+            gathered once and rank 0 returns (and writes to ``out``) the merged run, the other
+            ranks their own part.
 
     Returns:
         A ``Result`` with ``.metrics`` and ``.spectra`` DataFrames and ``.info`` provenance.
@@ -147,12 +155,22 @@ def analyze(
         trust_checkpoint,
     )
     inputs = Inputs(images, num_images, batch_size, sample, sample_seed)
+    part = parse_shard(shard)
+    ranks = distributed_shard()
+    if ranks is not None:
+        if part is not None:
+            raise VitspecError("--shard cannot be combined with torchrun: each rank is a shard")
+        part = ranks
+        device = distributed_device(device, warn)
     request = check_request(model, weights, inputs, device)
-    claim = OutputDir(out, overwrite=overwrite, protect=[images]) if out is not None else None
+    writes = out is not None and (ranks is None or ranks.index == 0)
+    claim = OutputDir(out, overwrite=overwrite, protect=[images]) if writes else None
     with claim or nullcontext() as tmp:
         session = open_session(
             model, weights=weights, inputs=inputs, warn=warn, log=log, request=request
         )
+        if part is not None:
+            session.batches = ShardBatches(session.batches, part)
         result = _measure(
             session,
             specs,
@@ -164,6 +182,8 @@ def analyze(
             log=log,
             pipeline=pipeline,
         )
+        if ranks is not None:
+            result = gather_ranks(result)
         if tmp is not None:
             result.write(tmp)
     return result
@@ -222,7 +242,14 @@ def _measure(
         "dtype": "float32 forward, float64 metrics and accumulation",
         **session.timing(done.used, done.wall),
     }
-    return Result(metrics=table, spectra=spectra, info=info)
+    state = None
+    if isinstance(session.batches, ShardBatches):
+        info["shard"] = session.batches.describe()
+        if session.image_set is not None:  # every selected file was decoded; keep this part's
+            files = session.image_set.used
+            info["images"]["files"] = [files[i] for i in session.batches.image_indices]
+        state = {"tokens": plain_state(tokens.state()), "attn": plain_state(attn.state())}
+    return Result(metrics=table, spectra=spectra, info=info, state=state)
 
 
 def _class_and_distillation(specs, net, unavailable: Unavailable, warn) -> list[MetricSpec]:

@@ -37,7 +37,7 @@ import pandas as pd
 
 from vitspec.errors import VitspecError, option
 from vitspec.outputs import OutputDir, atomic_dir, read_info
-from vitspec.results import Result
+from vitspec.results import Result, expand_runs
 
 TOKEN_SITES = ("embed", "mid", "block")
 X_AXES = ("layer", "depth")
@@ -155,7 +155,7 @@ def compare(
         >>> c = compare(["runs/base", "runs/attnscale"], "runs/cmp")  # doctest: +SKIP
         >>> c.differences.query("metric == 'patch_cos_abs'")  # doctest: +SKIP
     """
-    run_dirs = [Path(d) for d in run_dirs]
+    run_dirs = expand_runs(run_dirs)  # a several-checkpoint folder stands for its runs
     if len(run_dirs) < 2:
         raise VitspecError(f"compare needs at least 2 run directories, got {len(run_dirs)}")
     seen: dict[Path, Path] = {}

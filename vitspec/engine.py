@@ -13,8 +13,10 @@ torchmetrics' sense, so sharded runs gather in one place).
 from __future__ import annotations
 
 import platform
+import queue
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -386,12 +388,15 @@ def run(
 ) -> RunInfo:
     """The one forward loop: every batch through the model with the consumers' sites hooked.
 
-    On CPU with ``pipeline`` each consumer runs on its own worker lane beside the forward pass
-    (every thread on one core; results identical to running inline); on CUDA inline, the
-    kernels are already asynchronous. Memory stays flat in the number of images. Progress
-    (``True``: a bar on a terminal, else lines through ``log``; see :mod:`vitspec.progress`).
-    Every block's output is checked for NaN/Inf on the forward thread, so the error names the
-    first block that produced one, before any consumer sees it.
+    On CPU with ``pipeline`` and two or more torch threads, when every consumer can ``spawn()``
+    an empty twin, the run is data-parallel: whole batches go to that many worker threads of one
+    core each (batch i to thread i mod threads), each with its own consumers, folded together
+    with ``merge_state`` at the end; every batch is measured as in a single thread and no core
+    waits for another. Otherwise each consumer runs on its own worker lane beside the forward
+    pass; on CUDA inline, the kernels are already asynchronous. Memory stays flat in the number
+    of images. Progress (``True``: a bar on a terminal, else lines through ``log``; see
+    :mod:`vitspec.progress`). Every block's output is checked for NaN/Inf on the forward
+    thread, so the error names the first block that produced one, before any consumer sees it.
     """
     warn = warn or stderr_warn
     adapter, dev = session.adapter, session.device
@@ -401,8 +406,35 @@ def run(
     threaded = pipeline and dev.type == "cpu"
     bar = Progress(session.total, choose_mode(progress), log)
     guard = _finite_guard(adapter)
-    used, index, image_hw = 0, 0, None
+    workers = torch.get_num_threads() if threaded else 1
     start = time.perf_counter()
+    if workers > 1 and all(hasattr(c, "spawn") for c in consumers):
+        used, image_hw = _data_parallel(session, consumers, workers, head_params, bar, guard)
+    else:
+        used, image_hw = _lanes(session, consumers, threaded, head_params, bar, guard)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    wall = time.perf_counter() - start
+    stages = adapter.stages(image_hw) if image_hw is not None else []
+    return RunInfo(used, wall, image_hw, stages, unavailable)
+
+
+def _global(session: Session, local: int) -> int:
+    """The run's index of the session's ``local``-th batch (a shard runs every N-th batch)."""
+    batches = session.batches
+    return batches.global_index(local) if hasattr(batches, "global_index") else local
+
+
+def _watched(adapter: Adapter, sites: frozenset[str]) -> frozenset[str]:
+    """The consumers' sites plus the block outputs the finite guard checks."""
+    return sites | (available_sites(adapter) & {RESID_PRE, RESID_POST})
+
+
+def _lanes(session: Session, consumers, threaded: bool, head_params: dict, bar, guard):
+    """One forward pass at a time; each consumer on its own worker lane beside it (threaded)."""
+    adapter, dev = session.adapter, session.device
+    sites = frozenset().union(*(c.sites for c in consumers))
+    used, index, image_hw = 0, 0, None
     with ExitStack() as stack:
         lanes = [stack.enter_context(Pipeline(1) if threaded else _Inline()) for _ in consumers]
         stack.callback(bar.close)
@@ -417,12 +449,13 @@ def run(
             for deliver in routes.get(site, ()):
                 deliver(site, layer, x)
 
-        watched = sites | (available_sites(adapter) & {RESID_PRE, RESID_POST})
-        with torch.inference_mode(), capture(adapter, watched, emit):
+        with torch.inference_mode(), capture(adapter, _watched(adapter, sites), emit):
             for batch in session.batches:
                 image_hw = tuple(batch.shape[-2:])
                 geometry = adapter.geometry(image_hw)
-                info = BatchInfo(index, batch.shape[0], image_hw, geometry, head_params)
+                info = BatchInfo(
+                    _global(session, index), batch.shape[0], image_hw, geometry, head_params
+                )
                 for consumer, lane in zip(consumers, lanes):
                     lane.wrap(consumer.start_batch)(info)
                 session.net(batch.to(dev, non_blocking=True))
@@ -431,11 +464,83 @@ def run(
                 index += 1
         for lane in lanes:
             lane.join()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    wall = time.perf_counter() - start
-    stages = adapter.stages(image_hw) if image_hw is not None else []
-    return RunInfo(used, wall, image_hw, stages, unavailable)
+    return used, image_hw
+
+
+def _data_parallel(session: Session, consumers, workers: int, head_params: dict, bar, guard):
+    """Whole batches over ``workers`` threads (batch i on thread i mod workers, one core each),
+    each thread with its own copies of the consumers (``spawn()``), folded into ``consumers``
+    with ``merge_state`` in thread order at the end."""
+    adapter, dev = session.adapter, session.device
+    sites = frozenset().union(*(c.sites for c in consumers))
+    teams = [list(consumers)] + [[c.spawn() for c in consumers] for _ in range(workers - 1)]
+    local = threading.local()
+    queues = [queue.Queue(maxsize=1) for _ in range(workers)]
+    errors: list[BaseException] = []
+
+    def emit(site: str, layer: int, x: Tensor) -> None:
+        guard(site, layer, x)
+        if local.deferred is not None:
+            return
+        for consumer in local.team:
+            if site in consumer.sites:
+                try:
+                    consumer.on(site, layer, x)
+                except VitspecError as err:
+                    # held until the block's output: the guard's error names the block
+                    local.deferred = err
+                    return
+
+    def work(team, jobs) -> None:
+        torch.set_num_threads(1)
+        local.team = team
+        with torch.inference_mode():
+            while (job := jobs.get()) is not None:
+                if not errors:
+                    try:
+                        info, batch = job
+                        local.deferred = None
+                        for consumer in team:
+                            consumer.start_batch(info)
+                        session.net(batch.to(dev, non_blocking=True))
+                        if local.deferred is not None:
+                            raise local.deferred
+                    except BaseException as err:  # handed to the main thread
+                        errors.append(err)
+
+    threads = [
+        threading.Thread(target=work, args=(team, jobs), name=f"vitspec-{i}", daemon=True)
+        for i, (team, jobs) in enumerate(zip(teams, queues))
+    ]
+    used, index, image_hw = 0, 0, None
+    with capture(adapter, _watched(adapter, sites), emit):
+        for t in threads:
+            t.start()
+        try:
+            for batch in session.batches:
+                if errors:
+                    break
+                image_hw = tuple(batch.shape[-2:])
+                geometry = adapter.geometry(image_hw)
+                info = BatchInfo(
+                    _global(session, index), batch.shape[0], image_hw, geometry, head_params
+                )
+                queues[index % workers].put((info, batch))
+                bar.update(batch.shape[0])
+                used += batch.shape[0]
+                index += 1
+        finally:
+            for jobs in queues:
+                jobs.put(None)
+            for t in threads:
+                t.join()
+            bar.close()
+    if errors:
+        raise errors[0]
+    for team in teams[1:]:
+        for mine, theirs in zip(consumers, team):
+            mine.merge_state(theirs.state())
+    return used, image_hw
 
 
 def _finite_guard(adapter: Adapter) -> Callable[[str, int, Tensor], None]:

@@ -151,7 +151,7 @@ class OutputDir:
 
     def commit(self) -> Path:
         """Seal the manifest and move ``tmp`` into place (the old output is removed last)."""
-        _seal(self.tmp)
+        seal(self.tmp)
         old = None
         if self.out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}{_OLD_TAG}", dir=self.out.parent))
@@ -221,8 +221,9 @@ def _exit_on_signal(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def _seal(folder: Path) -> None:
-    """Mark the folder's manifest as vitspec's and list every entry it holds."""
+def seal(folder: Path) -> None:
+    """Mark the folder's manifest as vitspec's and list every entry it holds (``OutputDir``
+    seals its top folder; a command that writes run folders inside it seals each of them)."""
     for name in MANIFESTS:
         path = folder / name
         if path.is_file():

@@ -62,11 +62,14 @@ class Result:
         metrics: one row per (site, layer, head, metric); columns ``METRIC_COLUMNS``.
         spectra: one row per (site, layer, head, curve, freq); columns ``SPECTRA_COLUMNS``.
         info: the run.json content (versions, model, checkpoint, images, device, timing).
+        state: a shard's mergeable collector state (``--shard``), written as ``state.pt``
+            (see :mod:`vitspec.shards`); None for a whole run.
     """
 
     metrics: pd.DataFrame
     spectra: pd.DataFrame
     info: dict = field(default_factory=dict)
+    state: dict | None = None
 
     def metric(self, name: str, site: str | None = None, head: int | None = None) -> pd.DataFrame:
         """Rows of one metric, optionally one site and head.
@@ -101,6 +104,10 @@ class Result:
         self.metrics.to_csv(folder / "metrics.csv", index=False, float_format="%.10g")
         self.spectra.to_csv(folder / "spectra.csv", index=False, float_format="%.10g")
         (folder / "run.json").write_text(json.dumps(self.info, indent=2, default=str) + "\n")
+        if self.state is not None:
+            from vitspec.shards import save_state
+
+            save_state(folder, self.state)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Result:
@@ -128,3 +135,21 @@ def moments_frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
     df["head"] = df["head"].astype("Int64")
     df["n"] = df["n"].astype(np.int64)
     return df
+
+
+def expand_runs(paths) -> list[Path]:
+    """Run folders, with a several-checkpoint folder (its ``index.json``, written by
+    ``vitspec analyze --ckpt A B ...``) replaced by its run folders in order.
+
+    Example:
+        >>> expand_runs(["runs/a"])
+        [PosixPath('runs/a')]
+    """
+    out: list[Path] = []
+    for path in map(Path, paths):
+        index = path / "index.json"
+        if index.is_file() and not (path / "run.json").is_file():
+            out += [path / run["folder"] for run in json.loads(index.read_text())["runs"]]
+        else:
+            out.append(path)
+    return out

@@ -52,7 +52,7 @@ def verify(
     label: str | None = None,
     max_steps: int = 512,
     sizes: Sequence[int] | None = None,
-    threads: int | None = 1,
+    threads: int | None = None,
     progress: bool | str = False,
     warn: Callable[[str], None] | None = None,
     log: Callable[[str], None] | None = None,
@@ -79,10 +79,10 @@ def verify(
         max_steps: T, the most powers ``A^t`` lowpass_limit applies (it stops earlier once
             ``r_t < 1e-12``).
         sizes: token counts N of the synthetic suite (default 16, 64, 197, 577).
-        threads: torch CPU threads for the run (restored afterwards); None keeps the current
-            setting. The default 1 is deliberate: the checks are thousands of small float64
-            LAPACK calls (SVDs of N x N matrices, batched by looping), which intra-op threads
-            barely speed up and which slow down many-fold when the cores are shared.
+        threads: torch CPU threads for the run (restored afterwards); None (default) keeps the
+            current setting. On CPU the run is data-parallel: whole batches go to that many
+            worker threads of one core each (batch i to thread i mod threads, its test vectors
+            seeded by i), so the result does not depend on the thread count.
         progress, warn, log: as in ``analyze``.
         out, overwrite: also write the folder there (as :meth:`VerifyResult.save`),
             claimed before the work; ``overwrite`` replaces only a previous vitspec output.
