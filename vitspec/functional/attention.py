@@ -217,7 +217,7 @@ def attn_spectrum(attn: Attn, prev: Prev = None) -> Tensor:
         ``[B, H, N]`` float64, frequency k = 0..N-1 (DC first).
 
     Example:
-        >>> [round(v, 12) for v in attn_spectrum(torch.full((1, 1, 4, 4), 0.25)).squeeze().tolist()]
+        >>> [round(v, 6) for v in attn_spectrum(torch.full((1, 1, 4, 4), 0.25)).squeeze().tolist()]
         [1.0, 0.0, 0.0, 0.0]
     """
     a = attn_view(attn, prev).a
