@@ -54,6 +54,13 @@ def test_distilled_deit_matches_numpy_forward():
     assert result.info["unavailable"] == {}
 
 
+def test_opt_in_not_in_the_default_set():
+    torch.manual_seed(1)
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, **KW).eval()
+    result = analyze(model, num_images=1, device="cpu", warn=lambda m: None)
+    assert "cls_dist_cos" not in result.info["metrics"] and result.info["unavailable"] == {}
+
+
 def test_not_scheduled_for_one_prefix_token():
     torch.manual_seed(1)
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False, **KW).eval()

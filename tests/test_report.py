@@ -155,7 +155,7 @@ def test_page_holds_provenance_summaries_checks_and_differences(page):
     captions = re.findall(r"<figcaption>(.*?)</figcaption>", html, flags=re.S)
     tokens = next(c for c in captions if c.startswith("Token metrics against layer"))
     assert "band = ± sd over 3 images" in tokens and "Sites: block" in tokens
-    assert any("red line on the colour bar is log N = 2.833 nats" in c for c in captions)
+    assert any("black line on the colour bar is log N = 2.833 nats" in c for c in captions)
 
 
 def test_no_pdf_embeds_a_type3_font(page):

@@ -6,7 +6,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from vitspec.plots.figures import Drawn, _legend, fitted, title
+from vitspec.plots.figures import Drawn, fitted, legend_below, title
 from vitspec.plots.labels import band_words, define, ylabel
 from vitspec.plots.layers import X_LABELS, plot_band
 from vitspec.plots.style import panels, run_series
@@ -67,7 +67,7 @@ def compare_figure(
     fig, axes = panels(size, len(metrics), aspect=0.72, extra=0.6)
     for ax, name in zip(axes, metrics):
         plot_compare(table, name, x=x, order=order, band=band, ax=ax)
-    _legend(fig, axes)
+    legend_below(fig, axes)
     if heading:
         title(fig, heading, size)
     return fig

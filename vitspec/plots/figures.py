@@ -27,13 +27,6 @@ from vitspec.plots.spectra import (
 from vitspec.plots.style import WIDTHS, fit, panels, run_series
 
 
-def fitted(drawn: dict[str, Drawn]) -> dict[str, Drawn]:
-    """Each figure grown so its panels keep their planned height (``style.fit``)."""
-    for d in drawn.values():
-        fit(d.figure)
-    return drawn
-
-
 @dataclass
 class Drawn:
     """A figure and the one-paragraph caption that says what it shows and how."""
@@ -42,8 +35,15 @@ class Drawn:
     caption: str
 
 
+def fitted(drawn: dict[str, Drawn]) -> dict[str, Drawn]:
+    """Each figure grown so its panels keep their planned height (``style.fit``)."""
+    for d in drawn.values():
+        fit(d.figure)
+    return drawn
+
+
 def header(info: dict, label: str | None = None) -> str:
-    """``"base (vit_tiny) [RANDOM INIT (untrained)], 8 images"`` for titles.
+    """``"<label> (<model>) [<checkpoint or RANDOM INIT>], <n> images"`` for titles.
 
     Example:
         >>> info = {"model": "vit_tiny", "checkpoint": "a.pth", "images": {"used": 8}}
@@ -60,10 +60,10 @@ def header(info: dict, label: str | None = None) -> str:
 def title(fig: Figure, text: str, size: str) -> None:
     """A suptitle wrapped to the figure's width (no text runs off a column-wide figure)."""
     chars = int(WIDTHS[size] * 11.5)
-    fig.suptitle("\n".join(textwrap.wrap(text, chars)))
+    fig.suptitle("\n".join(textwrap.wrap(text, chars, break_on_hyphens=False)))
 
 
-def _legend(fig: Figure, axes, ncols: int = 4) -> None:
+def legend_below(fig: Figure, axes, ncols: int = 4) -> None:
     """One legend below the panels, in as many columns as the labels fit across the width."""
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
@@ -80,11 +80,16 @@ def _names(metrics, attn: bool) -> list[str]:
     return sorted(names, key=lambda n: (n.startswith("pre_"), rank.get(n.removeprefix("pre_"), 0)))
 
 
+def _on_block(metrics, name: str, sites=("embed", "block", "attn")) -> bool:
+    """The metric has rows at the block-output sites (or as attention rows)."""
+    return bool(((metrics["metric"] == name) & metrics["site"].isin(sites)).any())
+
+
 def _sites_words(metrics) -> str:
     sites = [s for s in ("block", "mid") if (metrics["site"] == s).any()]
     words = [SITES[s] for s in sites]
     if (metrics["site"] == "embed").any():
-        words[0] += "; layer 0 = " + SITES["embed"]
+        words.append(("layer 0 = " if "block" in sites else "") + SITES["embed"])
     return "; ".join(words)
 
 
@@ -116,14 +121,14 @@ def run_figures(
             ax.set_box_aspect(None)
         for ax, name in zip(axes, names):
             plot_sites(ax, result, name, band=band)
-        _legend(fig, axes)
+        legend_below(fig, axes)
         title(fig, f"{head}: token metrics against layer", size)
         out["tokens"] = Drawn(
             fig,
             f"Token metrics against layer. {'; '.join(map(define, names))}. "
             f"Sites: {sites}. {bands}.",
         )
-    cos = [x for x in ("patch_cos_abs", "attn_cos") if (metrics["metric"] == x).any()]
+    cos = [x for x in ("patch_cos_abs", "attn_cos") if _on_block(metrics, x)]
     if cos:
         fig, axes = panels(size, len(cos), aspect=0.8, extra=0.3)
         for ax, name in zip(axes, cos):
@@ -169,14 +174,17 @@ def run_figures(
                     "log colour scale."
                 ),
             )
-    if not curve_rows(result.spectra, "dlogamp", ("embed", "block", "mid")).empty:
-        mid = not curve_rows(result.spectra, "dlogamp", ("mid",)).empty
-        fig, axes = panels(size, 1 + mid, ncols=1 + mid, aspect=0.75, extra=0.3)
-        plot_dlogamp(axes[0], result)
-        if mid:
-            plot_dlogamp(axes[1], result, sites=("mid",))
-            axes[1].set_title("mid (after attention)")
-            axes[0].set_title("block (0 = embed)")
+    dl = [
+        sites
+        for sites in (("embed", "block"), ("mid",))
+        if not curve_rows(result.spectra, "dlogamp", sites).empty
+    ]
+    if dl:
+        fig, axes = panels(size, len(dl), ncols=len(dl), aspect=0.75, extra=0.3)
+        for ax, sites in zip(axes, dl):
+            plot_dlogamp(ax, result, sites=sites)
+            if len(dl) > 1:
+                ax.set_title("mid (after attention)" if sites == ("mid",) else "block (0 = embed)")
         title(fig, f"{head}: relative log amplitude (Park & Kim Fig. 2a)", size)
         out["dlogamp"] = Drawn(
             fig,
@@ -190,7 +198,7 @@ def run_figures(
                 "the 0..π axis."
             ),
         )
-    if (metrics["metric"] == "dlogamp_hf").any():
+    if _on_block(metrics, "dlogamp_hf") or _on_block(metrics, "dlogamp_hf", ("mid",)):
         fig, axes = panels(size, 1, aspect=0.55, extra=0.3)
         shaded = plot_dlogamp_hf(axes[0], result, band=band)
         title(fig, f"{head}: high-frequency log amplitude vs depth (Park & Kim Fig. 8)", size)
@@ -210,7 +218,7 @@ def run_figures(
                 + f"{bands}."
             ),
         )
-    if (metrics["metric"] == "rank_residual").any():
+    if _on_block(metrics, "rank_residual"):
         fig, axes = panels(size, 1, aspect=0.55, extra=0.3)
         plot_runs(axes[0], {label: result}, "rank_residual", band=band, log=True)
         title(fig, f"{head}: distance to rank 1 (Dong et al.)", size)
@@ -224,7 +232,7 @@ def run_figures(
     if (metrics["metric"] == "attn_cross_layer_sim").any():
         fig, axes = panels(size, 1, aspect=0.6, extra=0.6)
         plot_cross_layer(axes[0], result, band=band)
-        _legend(fig, axes, ncols=5)
+        legend_below(fig, axes, ncols=5)
         title(fig, f"{head}: cross-layer attention similarity (DeepViT)", size)
         out["attn_cross_layer_sim"] = Drawn(
             fig,
@@ -240,7 +248,7 @@ def run_figures(
         log_n = plot_head_map(axes[0], result, entropy[0])
         title(fig, f"{head}: {entropy[0]} per layer and head", size)
         mark = (
-            f"the red line on the colour bar is log N = {log_n:.3f} nats, the entropy of "
+            f"the black line on the colour bar is log N = {log_n:.3f} nats, the entropy of "
             "uniform attention over N tokens"
             if log_n is not None
             else "log N is not marked: the token count changes with the layer"
@@ -253,7 +261,7 @@ def run_figures(
         fig, axes = panels(size, len(attn), aspect=0.72, extra=0.8)
         for ax, name in zip(axes, attn):
             plot_heads(ax, result, name, band=band)
-        _legend(fig, axes, ncols=7)
+        legend_below(fig, axes, ncols=7)
         title(fig, f"{head}: attention metrics per head", size)
         out["attention_heads"] = Drawn(
             fig,
@@ -301,7 +309,7 @@ def overlay_figures(
     shared = [
         n
         for n in _names(next(iter(runs.values())).metrics, attn=False)
-        if n != "dlogamp" and all((r.metrics["metric"] == n).any() for r in runs.values())
+        if n != "dlogamp" and all(_on_block(r.metrics, n) for r in runs.values())
     ]
     out: dict[str, Drawn] = {}
     xs = "layer" if x == "layer" else "normalised depth (runs of different depths)"
@@ -309,7 +317,7 @@ def overlay_figures(
         fig, axes = panels(size, len(shared), aspect=0.72, extra=0.5)
         for ax, name in zip(axes, shared):
             plot_runs(ax, runs, name, x=x, band=band)
-        _legend(fig, axes)
+        legend_below(fig, axes)
         title(fig, f"{who}: token metrics", size)
         out["overlay_tokens"] = Drawn(
             fig,
@@ -321,13 +329,13 @@ def overlay_figures(
     cos = [
         c
         for c in ("patch_cos_abs", "attn_cos")
-        if all((r.metrics["metric"] == c).any() for r in runs.values())
+        if all(_on_block(r.metrics, c) for r in runs.values())
     ]
     if cos:
         fig, axes = panels(size, len(cos), aspect=0.8, extra=0.5)
         for ax, name in zip(axes, cos):
             plot_runs(ax, runs, name, x=x, band=band)
-        _legend(fig, axes)
+        legend_below(fig, axes)
         title(fig, f"{who}: cosine similarity (Wang et al. Fig. 4)", size)
         out["overlay_cosine"] = Drawn(
             fig,
@@ -341,7 +349,7 @@ def overlay_figures(
     if "rank_residual" in shared:
         fig, axes = panels(size, 1, aspect=0.55, extra=0.5)
         plot_runs(axes[0], runs, "rank_residual", x=x, band=band, log=True)
-        _legend(fig, axes)
+        legend_below(fig, axes)
         title(fig, f"{who}: distance to rank 1 (Dong et al.)", size)
         out["overlay_rank_residual"] = Drawn(
             fig,
@@ -356,7 +364,7 @@ def overlay_figures(
             plot_dlogamp_hf(axes[0], result, band=band, index=i)
             axes[0].get_lines()[-1].set_label(name)
             axes[0].get_lines()[-1].set(**{k: v for k, v in run_series(i).items() if k != "color"})
-        _legend(fig, axes)
+        legend_below(fig, axes)
         title(fig, f"{who}: high-frequency log amplitude (Park & Kim)", size)
         out["overlay_dlogamp_hf"] = Drawn(
             fig,

@@ -203,9 +203,9 @@ def plot_head_map(ax: Axes, result, metric: str = "attn_entropy") -> float | Non
     )
     cbar = ax.figure.colorbar(image, ax=ax, pad=0.02, fraction=0.06)
     cbar.formatter.set_useOffset(False)
-    cbar.set_label("entropy (nats); red line: log N" if log_n is not None else metric)
+    cbar.set_label("entropy (nats); black line: log N" if log_n is not None else metric)
     if log_n is not None:
-        cbar.ax.axhline(log_n, color=PALETTE[1], lw=2.0)
+        cbar.ax.axhline(log_n, color=PALETTE[6], lw=2.0)
     ax.set_xticks(heads)
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("head")

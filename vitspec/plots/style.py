@@ -123,7 +123,9 @@ def tidy_log(ax: Axes) -> None:
     """Log y axis: with fewer than two decades marked, label a few minor ticks plainly too."""
     ax.set_yscale("log")
     low, high = ax.dataLim.y0, ax.dataLim.y1
-    decades = math.floor(math.log10(high)) - math.ceil(math.log10(low)) + 1 if low > 0 else 2
+    if not (0 < low <= high < math.inf):  # nothing drawn, or nothing positive
+        return
+    decades = math.floor(math.log10(high)) - math.ceil(math.log10(low)) + 1
     if decades < 2:
         subs = tuple(range(1, 10)) if high / low < 3 else (2, 5)
         ax.yaxis.set_minor_locator(LogLocator(subs=subs))
