@@ -18,7 +18,7 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/vitspec analyze deit_small --random-init --out reports/demo --overwrite
+	$(VENV)/bin/vitspec analyze deit_small --random-init --out runs/demo --overwrite
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest

@@ -65,7 +65,7 @@ def test_results_round_trip_and_are_atomic(result, tmp_path, monkeypatch):
     back = Result.load(out)
     pd.testing.assert_frame_equal(back.metrics, result.metrics, check_exact=False, rtol=1e-9)
     assert json.loads((out / "run.json").read_text())["images"]["used"] == 3
-    with pytest.raises(VitspecError, match="exists; pass --overwrite"):
+    with pytest.raises(VitspecError, match="exists; pass overwrite=True"):
         result.save(out)
 
     def fail(*args, **kwargs):
@@ -129,7 +129,7 @@ def test_nan_activations_name_the_layer():
     model = tiny()
     with torch.no_grad():
         model.blocks[1].mlp.fc2.weight[0, 0] = float("nan")
-    with pytest.raises(VitspecError, match="layer 2 block tokens") as err:
+    with pytest.raises(VitspecError, match=r"output of block 2 \(blocks\.1\)") as err:
         analyze(model, images=list(synthetic_batches(2, 2, (32, 32))), device="cpu")
     assert err.value.exit_code == 1
 

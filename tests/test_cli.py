@@ -84,7 +84,7 @@ def test_random_init_says_so_everywhere(capsys, tmp_path):
         "hc_dc_ratio",
     )
     assert code == 0, err
-    assert "RANDOM weights" in err
+    assert "RANDOM initialisation" in err
     assert "random-init" in (out / "metrics.csv").read_text().splitlines()[1]
     assert json.loads((out / "run.json").read_text())["random_init"] is True
 
@@ -119,7 +119,7 @@ def test_default_out_dir_is_runs_model_label(capsys, tmp_path, monkeypatch):
         (["deit_tiny"], ["--ckpt FILE", "--random-init"]),
         (
             ["deit_tiny", "--random-init", "--images", "/nonexistent/dir"],
-            ["image folder not found"],
+            ["image folder or file not found"],
         ),
         (["deit_tiny", "--random-init", "--sites", "embed,blocks"], ["allowed: embed, mid, block"]),
         (["deit_tiny", "--random-init", "--metrics", "nope"], ["allowed:"]),
@@ -192,8 +192,9 @@ def test_existing_out_dir_refused_before_any_work(capsys, tmp_path):
         "--metrics",
         "hc_energy",
     )
-    assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "metrics.csv").exists()
+    # --overwrite replaces only vitspec's own output: a folder holding a user's file is kept
+    assert_one_line_error(code, err, 2, "not a vitspec output", "keep.txt")
+    assert (out / "keep.txt").read_text() == "mine" and not (out / "metrics.csv").exists()
 
 
 def test_nan_checkpoint_names_the_layer(capsys, tmp_path):
@@ -214,7 +215,7 @@ def test_nan_checkpoint_names_the_layer(capsys, tmp_path):
         str(tmp_path / "out"),
         "--quiet",
     )
-    assert_one_line_error(code, err, 1, "NaN or Inf", "layer 5")
+    assert_one_line_error(code, err, 1, "NaN or Inf", "block 5 (blocks.4)")
     assert not (tmp_path / "out").exists()
 
 

@@ -1,6 +1,7 @@
 """vitspec.compare / `vitspec compare`: overlay figure, differences table, provenance, errors."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -92,7 +93,9 @@ def test_same_depth_differences_equal_a_merge_of_the_two_tables(runs):
 
 
 def test_against_itself_every_sign_is_zero(runs, tmp_path):
-    c = compare([runs["base"], runs["base"]], None, metrics="patch_cos_abs,attn_entropy")
+    copy = tmp_path / "base"  # the same directory twice is refused; an identical copy is not
+    shutil.copytree(runs["base"], copy)
+    c = compare([runs["base"], copy], None, metrics="patch_cos_abs,attn_entropy")
     assert c.labels == [
         "deit_tiny_patch16_224-base (base) #1",
         "deit_tiny_patch16_224-base (base) #2",

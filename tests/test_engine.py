@@ -118,7 +118,7 @@ def test_a_metric_whose_site_the_model_lacks_is_not_scheduled(no_pattern_family)
 
 
 def test_session_errors_before_any_work():
-    with pytest.raises(VitspecError, match="batch-size"):
+    with pytest.raises(VitspecError, match="batch_size"):
         open_session(tiny(), inputs=Inputs(images(1, 0), batch_size=0), device="cpu")
     with pytest.raises(VitspecError, match="allowed: auto, cpu, cuda"):
         open_session(tiny(), device="tpu")

@@ -107,11 +107,11 @@ def test_relative_folder_is_made_absolute(tmp_path, monkeypatch):
 
 
 def test_missing_and_empty_folders(tmp_path):
-    with pytest.raises(VitspecError, match="image folder not found: .*nope"):
+    with pytest.raises(VitspecError, match="image folder or file not found: .*nope"):
         open_images(tmp_path / "nope")
-    (tmp_path / "file.jpg").write_bytes(b"x")
-    with pytest.raises(VitspecError, match="image folder not found"):
-        open_images(tmp_path / "file.jpg")
+    (tmp_path / "file.txt").write_bytes(b"x")
+    with pytest.raises(VitspecError, match="is not an image file"):
+        open_images(tmp_path / "file.txt")
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "readme.txt").write_text("x")

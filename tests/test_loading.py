@@ -126,24 +126,24 @@ def _write(kind: str, model: torch.nn.Module, path: Path) -> None:
 
 
 FORMATS = [
-    # kind, file name, expected format, loaded_key, unsafe fallback, stripped prefix
+    # kind, file name, expected format, loaded_key, needs trust (full unpickling), stripped prefix
     ("state_dict", "plain.pth", "state_dict", None, False, None),
     ("state_dict", "pytorch_model.bin", "state_dict", None, False, None),
     ("model", "train.pth", "model", "model", False, None),
     ("state_dict_key", "timm_train.pth.tar", "state_dict_key", "state_dict", False, None),
     ("module_prefix", "ddp.pth", "model", "model", False, "module."),
-    ("deit_args", "deit.pth", "model", "model", True, None),
+    ("deit_args", "deit.pth", "model", "model", False, None),
     ("pickled_module", "whole.pt", "pickled_module", None, True, None),
     ("safetensors", "model.safetensors", "safetensors", None, False, None),
 ]
 
 
-@pytest.mark.parametrize(("kind", "fname", "fmt", "key", "unsafe", "prefix"), FORMATS)
-def test_every_format_loads_bit_identical(tmp_path, kind, fname, fmt, key, unsafe, prefix):
+@pytest.mark.parametrize(("kind", "fname", "fmt", "key", "trusted", "prefix"), FORMATS)
+def test_every_format_loads_bit_identical(tmp_path, kind, fname, fmt, key, trusted, prefix):
     src = make()
     path = tmp_path / fname
     _write(kind, src, path)
-    lm = load_model("deit_tiny", ckpt=path, model_kwargs=TINY)
+    lm = load_model("deit_tiny", ckpt=path, model_kwargs=TINY, trust_checkpoint=trusted)
     assert isinstance(lm, LoadedModel)
     assert_same(lm.model, src.state_dict())
     assert not lm.model.training
@@ -151,9 +151,11 @@ def test_every_format_loads_bit_identical(tmp_path, kind, fname, fmt, key, unsaf
     assert (lm.name, lm.timm_name, lm.checkpoint) == ("deit_tiny", DEIT, fname)
     prov = lm.provenance
     assert prov["format"] == fmt and prov["loaded_key"] == key
-    assert prov["unsafe_pickle_fallback"] is unsafe
+    assert prov["trusted_pickle"] is trusted
     assert prov["stripped_prefix"] == prefix
-    assert prov["source"] == "file" and prov["warnings"] == []
+    assert prov["source"] == "file"
+    assert [w for w in prov["warnings"] if "full unpickling" not in w] == []
+    assert len(prov["warnings"]) == int(trusted)
     assert prov["checkpoint_path"] == str(path.absolute())
     assert prov["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert prov["num_classes"] == 10

@@ -280,7 +280,7 @@ def test_released_checkpoints_load_strictly_and_analyse(released, tmp_path):
         model, path = released[key]
         loaded = load_model(name, ckpt=path, model_kwargs=dict(TINY))
         assert loaded.provenance["techniques_added"] == [] and not loaded.provenance["warnings"]
-        assert loaded.provenance["unsafe_pickle_fallback"]  # the argparse.Namespace
+        assert not loaded.provenance["trusted_pickle"]  # the argparse.Namespace is allow-listed
         assert _same_logits(loaded.model, model)
     model, path = released["attn"]
     result = analyze(

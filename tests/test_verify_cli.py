@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-import vitspec.engine
+import vitspec.session
 from vitspec.cli import main
 from vitspec.verification import checks as ck
 
@@ -18,7 +18,7 @@ TINY = dict(img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2)
 @pytest.fixture
 def tiny_models(monkeypatch):
     """Model names resolve as usual but are built shrunk (fast), optionally altered."""
-    real = vitspec.engine.load_model
+    real = vitspec.session.load_model
     alter = []
 
     def load_model(name, **kw):
@@ -27,7 +27,7 @@ def tiny_models(monkeypatch):
             fn(loaded.model)
         return loaded
 
-    monkeypatch.setattr(vitspec.engine, "load_model", load_model)
+    monkeypatch.setattr(vitspec.session, "load_model", load_model)
     return alter
 
 
@@ -48,7 +48,7 @@ def test_healthy_model_exits_0_with_csv_json_and_figures(capsys, tmp_path, tiny_
     code, err = run(capsys, "verify", "deit_tiny", "--random-init", "--num-images", "2",
                     "--out", str(out))
     assert code == 0, err
-    assert "every applicable check passes" in err and "RANDOM weights" in err
+    assert "every applicable check passes" in err and "RANDOM initialisation" in err
     names = {p.name for p in out.iterdir()}
     for stem in ("verify_lowpass", "verify_gain", "verify_msa"):
         assert {f"{stem}.png", f"{stem}.pdf"} <= names
@@ -119,7 +119,7 @@ def test_synthetic_exits_0(capsys, tmp_path):
     (["verify", "--synthetic", "--sizes", "16,x"], "comma-separated whole numbers"),
     (["verify", "--synthetic", "--sizes", "1"], "sizes must be whole numbers >= 2"),
     (["verify", "--synthetic", "--random-init"], "need a MODEL"),
-    (["verify", "deit_tiny", "--random-init", "--max-steps", "0"], "max_steps"),
+    (["verify", "deit_tiny", "--random-init", "--max-steps", "0"], "--max-steps"),
     (["verify", "deit_tiny", "--random-init", "--threads", "0"], "threads"),
 ])
 def test_usage_errors_exit_2_with_one_line(capsys, tmp_path, argv, fragment):
@@ -130,5 +130,6 @@ def test_usage_errors_exit_2_with_one_line(capsys, tmp_path, argv, fragment):
 
 def test_existing_output_is_refused_before_the_work(capsys, tmp_path):
     (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "mine.txt").write_text("")
     code, err = run(capsys, "verify", "--synthetic", "--out", str(tmp_path / "x"))
     one_line_error(code, err, "exists; pass --overwrite")

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 from torch import nn
 
 from vitspec.capture import check_sites
 from vitspec.collect import PRE, Collector, rows
-from vitspec.engine import Inputs, Weights, available_sites, open_session, run, stderr_warn
-from vitspec.errors import VitspecError
+from vitspec.engine import (
+    Inputs,
+    Weights,
+    available_sites,
+    check_request,
+    open_session,
+    resolve_device,
+    run,
+    stderr_warn,
+)
+from vitspec.errors import VitspecError, option
 from vitspec.metrics import MetricSpec, list_metrics
+from vitspec.outputs import OutputDir
 from vitspec.results import METRIC_COLUMNS, SPECTRA_COLUMNS, Result, moments_frame, validate
 from vitspec.scaling import techniques
 from vitspec.sites import Unavailable
@@ -29,7 +40,7 @@ def select_metrics(patterns: str | Sequence[str] | None) -> list[MetricSpec]:
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(s.name, p) for s in specs)]
     if unmatched or not chosen:
         raise VitspecError(
-            f"no metric matches {unmatched[0] if unmatched else patterns!r}; "
+            f"no metric matches {option('metrics')} {unmatched[0] if unmatched else patterns!r}; "
             f"allowed: {', '.join(s.name for s in specs)}"
         )
     return chosen
@@ -45,42 +56,70 @@ def analyze(
     strict: bool = True,
     images: str | Path | Iterable | None = None,
     num_images: int | None = None,
+    sample: str = "first",
+    sample_seed: int = 0,
     sites: Sequence[str] = ("embed", "block"),
     metrics: str | Sequence[str] | None = None,
     batch_size: int = 16,
     device: str = "auto",
     label: str | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
     warn: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None,
     model_kwargs: dict | None = None,
+    img_size: int | None = None,
     featscale_form: str | None = None,
+    trust_checkpoint: bool = False,
     pipeline: bool = True,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    figures: bool = True,
 ) -> Result:
     """Capture every block's tokens and attention on a set of images and reduce them to metrics.
 
+    Every argument is checked (and the image folder listed) before the model is built or an
+    image read: a mistake costs a second, not a model load.
+
     Args:
-        model: a timm model name or alias (``deit_small``), or an ``nn.Module`` used as is.
+        model: a timm model name or alias (``deit_small``), ``hf:FOLDER`` (a local Hugging Face
+            model folder), or an ``nn.Module`` used as is (timm, or transformers ViT/DeiT/DINOv2).
         ckpt: local checkpoint file (state dict, ``{'model': sd}``, safetensors, ...).
         random_init: analyse randomly initialised weights (seeded by ``seed``).
         ema: load ``model_ema`` from a training checkpoint instead of ``model``.
         strict: refuse checkpoints with missing/unexpected keys (else record warnings).
-        images: folder of images (recursive), default the bundled sample photographs; or an
-            iterable of preprocessed batches (``[B, 3, H, W]`` tensors, or tuples whose first
-            item is one, e.g. a ``DataLoader``).
-        num_images: the first N readable images in sorted path order (or of the batches).
+        images: folder of images (recursive) or one image file, default the bundled sample
+            photographs; or an iterable of preprocessed batches (``[B, 3, H, W]`` tensors, or
+            tuples whose first item is one, e.g. a ``DataLoader``).
+        num_images: how many readable images (or images of the batches) to use.
+        sample: ``'first'`` (sorted path order) or ``'random'`` (a uniform draw from the whole
+            folder, seeded by ``sample_seed``); see :mod:`vitspec.inputs`.
+        sample_seed: the seed of ``sample='random'``.
         sites: token sites among ``embed``, ``mid``, ``block``.
         metrics: fnmatch patterns of metric names (``"hc_*,attn_entropy"``); default all.
         batch_size: images per forward pass.
-        device: ``auto``, ``cpu`` or ``cuda``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         label: run label; default the checkpoint's file stem or ``random-init``.
-        progress: show a tqdm bar on stderr (the CLI turns it on for terminals).
+        progress: ``True`` shows progress on stderr (a bar on a terminal, else a line about
+            every 10 % or 30 s through ``log``); ``'bar'`` / ``'lines'`` force one.
         warn: receives one-line warnings (default: print to stderr).
-        model_kwargs: extra ``timm.create_model`` arguments (tiny test models).
+        log: receives one-line notes (weights, model geometry, images, progress lines); default
+            none.
+        model_kwargs: extra ``timm.create_model`` arguments (``depth=24``,
+            ``dynamic_img_size=True``, tiny test models).
+        img_size: analyse ``img_size`` x ``img_size`` images: the model is built for that size
+            (a checkpoint's position embeddings are resampled by timm, and run.json says so)
+            and the eval transform uses it.
         featscale_form: ``'doubled'`` / ``'single'`` FeatScale for a model given by name (see
             :func:`vitspec.loading.load_model`). Blocks with AttnScale also get ``pre_attn_*``
             rows: the attention metrics on the pre-scale attention.
+        trust_checkpoint: allow a checkpoint that needs full unpickling (it can run code from
+            the file); refused otherwise, naming the type it holds.
         pipeline: on CPU, compute the metrics on two worker threads (token sites, attention)
             that overlap the forward pass (same results; ``False`` runs them in the hooks).
+        out: also write the run folder there (as :meth:`Result.save`), claimed before the
+            work: an unwritable or occupied location fails at once, not after the analysis.
+        overwrite: replace a previous vitspec output at ``out`` (never anything else).
+        figures: with ``out``, also draw the figures.
 
     Returns:
         A ``Result`` with ``.metrics`` and ``.spectra`` DataFrames and ``.info`` provenance.
@@ -93,13 +132,48 @@ def analyze(
     warn = warn or stderr_warn
     sites = check_sites(sites)
     specs = select_metrics(metrics)
-    session = open_session(
-        model,
-        weights=Weights(ckpt, random_init, seed, ema, strict, model_kwargs, featscale_form),
-        inputs=Inputs(images, num_images, batch_size),
-        device=device,
-        warn=warn,
+    dev = resolve_device(device)
+    weights = Weights(
+        ckpt,
+        random_init,
+        seed,
+        ema,
+        strict,
+        model_kwargs,
+        img_size,
+        featscale_form,
+        trust_checkpoint,
     )
+    inputs = Inputs(images, num_images, batch_size, sample, sample_seed)
+    image_set = check_request(model, weights, inputs)
+    claim = OutputDir(out, overwrite=overwrite, protect=[images]) if out is not None else None
+    with claim or nullcontext() as tmp:
+        session = open_session(
+            model,
+            weights=weights,
+            inputs=inputs,
+            device=dev,
+            warn=warn,
+            log=log,
+            image_set=image_set,
+        )
+        result = _measure(
+            session,
+            specs,
+            sites,
+            label=label,
+            progress=progress,
+            warn=warn,
+            log=log,
+            pipeline=pipeline,
+        )
+        if tmp is not None:
+            result.write(tmp, figures=figures)
+    return result
+
+
+def _measure(session, specs, sites, *, label, progress, warn, log, pipeline) -> Result:
+    """Schedule the metrics the model has sites for, run the two collectors, tabulate."""
     adapter = session.adapter
     specs, not_scheduled = schedule(specs, available_sites(adapter), adapter.unavailable(), warn)
 
@@ -108,7 +182,7 @@ def analyze(
     tokens = Collector([s for s in specs if s.kind.startswith("token")], sites, warn)
     attn = Collector([s for s in specs if s.kind.startswith("attn")], (), warn)
     consumers = [c for c in (tokens, attn) if c.sites]
-    done = run(session, consumers, progress=progress, pipeline=pipeline, warn=warn)
+    done = run(session, consumers, progress=progress, pipeline=pipeline, warn=warn, log=log)
 
     ids = session.ids(label)
     kinds = {s.name: s.kind for s in specs}

@@ -7,16 +7,21 @@ with EMA weights (``model_ema`` / ``state_dict_ema``), of which the regular weig
 unless ``ema=True``. Weights already in the local Hugging Face / torch hub caches are found by
 :func:`find_cached_weights`; nothing is ever downloaded.
 
-Checkpoints are treated as trusted files: they are read with ``torch.load(weights_only=True)``
-first and, only if that fails because the file pickles non-tensor Python objects (e.g. the
-``argparse.Namespace`` in DeiT training checkpoints), read again with ``weights_only=False``;
-``info['unsafe_pickle_fallback']`` records when that happened.
+Checkpoints are read with ``torch.load(weights_only=True)``, which runs no code from the file,
+with an allow-list of the plain types that training scripts store beside the weights
+(:data:`SAFE_GLOBALS`: ``argparse.Namespace`` in DeiT / timm / AttnScale training checkpoints,
+numpy scalars, arrays and dtypes in their metrics, ``pathlib`` paths). Anything else (a pickled
+``nn.Module`` from ``torch.save(model)``, custom classes) needs full unpickling, which can run
+arbitrary code: it is refused, naming the type, unless the caller trusts the file
+(``trust_checkpoint=True`` / ``--trust-checkpoint``); ``info['trusted_pickle']`` records it.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
+import pathlib
 import pickle
 import re
 from collections.abc import Mapping
@@ -24,13 +29,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 import timm
 import torch
 from torch import Tensor
 
-from vitspec.errors import VitspecError
+from vitspec.errors import VitspecError, option
 
-__all__ = ["file_sha256", "find_cached_weights", "read_checkpoint"]
+__all__ = ["SAFE_GLOBALS", "file_sha256", "find_cached_weights", "read_checkpoint"]
 
 # Wrapper keys of training checkpoints: (regular weights, EMA weights). DeiT / FB checkpoints use
 # 'model' / 'model_ema'; timm's train.py uses 'state_dict' / 'state_dict_ema'.
@@ -44,6 +50,31 @@ _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 
 
 _MAX_LISTED = 8
+
+
+def _numpy_globals() -> list:
+    """numpy's scalar / array reconstructors and dtype classes (numpy 1.x and 2.x spellings)."""
+    names = []
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        try:
+            mod = __import__(module, fromlist=["scalar", "_reconstruct"])
+        except ImportError:
+            continue
+        names += [mod.scalar, mod._reconstruct]
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return [*names, np.dtype, np.ndarray, *dtypes]
+
+
+# Plain, code-free types that training scripts save beside the weights (see the module docstring).
+SAFE_GLOBALS = [
+    argparse.Namespace,
+    pathlib.Path,
+    pathlib.PosixPath,
+    pathlib.PurePosixPath,
+    pathlib.WindowsPath,
+    pathlib.PureWindowsPath,
+    *_numpy_globals(),
+]
 
 
 def _one_line(text: str, limit: int = 160) -> str:
@@ -101,8 +132,9 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 27
 
 
-def _torch_load(path: Path) -> tuple[Any, bool]:
-    """Return (object, used_unsafe_fallback)."""
+def _torch_load(path: Path, trust: bool) -> tuple[Any, bool]:
+    """``torch.load`` without running code from the file (allow-list), or fully when trusted;
+    also return whether full unpickling was used."""
     with open(path, "rb") as f:
         magic = f.read(4)
 
@@ -115,18 +147,29 @@ def _torch_load(path: Path) -> tuple[Any, bool]:
         return VitspecError(f"cannot read checkpoint {path}: {reason}")
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), False
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True), False
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc):
             raise fail(exc) from None
+        offending = _unsupported_global(str(exc))
     except Exception as exc:  # noqa: BLE001 - corrupt zip, EOF, ...
         raise fail(exc) from None
-    # The file is a well-formed pickle holding non-tensor objects (argparse.Namespace, ...):
-    # checkpoints are trusted files, see the module docstring.
+    if not trust:
+        raise VitspecError(
+            f"checkpoint {path} needs full unpickling, which can run code from the file: it "
+            f"holds {offending}; if you trust the file, pass {option('trust_checkpoint', 'True')}"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=False), True
     except Exception as exc:  # noqa: BLE001
         raise fail(exc) from None
+
+
+def _unsupported_global(message: str) -> str:
+    """The type named by torch's 'Unsupported global: GLOBAL a.b.C' message."""
+    found = re.search(r"GLOBAL ([\w.]+)", re.sub(r"\x1b\[[0-9;]*m", "", message))
+    return f"a {found.group(1)}" if found else "a type that is not plain data"
 
 
 def _as_tensor_dict(obj: Any) -> dict[str, Tensor] | None:
@@ -144,19 +187,23 @@ def _top_keys(obj: Mapping) -> str:
     return key_list([str(k) for k in obj]) or "none"
 
 
-def read_checkpoint(path: str | Path, *, ema: bool = False) -> tuple[dict[str, Tensor], dict]:
+def read_checkpoint(
+    path: str | Path, *, ema: bool = False, trust: bool = False
+) -> tuple[dict[str, Tensor], dict]:
     """Read a local checkpoint file into a flat state dict.
 
     Layouts: a plain state dict; ``{'model': sd, ...}`` (DeiT / FB training checkpoints, with
     optional ``'model_ema'``); ``{'state_dict': sd, ...}`` (timm train.py, with optional
     ``'state_dict_ema'``); a pickled ``nn.Module``; ``.safetensors``. ``module.`` and
     ``_orig_mod.`` key prefixes are stripped. Regular weights are returned unless ``ema=True``
-    (unlike timm's ``load_state_dict``, which silently prefers EMA weights).
+    (unlike timm's ``load_state_dict``, which silently prefers EMA weights). Files that need
+    full unpickling (a pickled module, custom classes) are refused unless ``trust=True``.
 
     Returns:
         ``(state_dict, info)`` with info keys ``format`` ('state_dict' | 'model' |
         'state_dict_key' | 'safetensors' | 'pickled_module'), ``loaded_key`` (None or the
-        top-level key read), ``unsafe_pickle_fallback`` and ``stripped_prefix``.
+        top-level key read), ``trusted_pickle`` (read with full unpickling) and
+        ``stripped_prefix``.
 
     Example:
         >>> import tempfile, torch
@@ -170,7 +217,7 @@ def read_checkpoint(path: str | Path, *, ema: bool = False) -> tuple[dict[str, T
     info: dict[str, Any] = {
         "format": None,
         "loaded_key": None,
-        "unsafe_pickle_fallback": False,
+        "trusted_pickle": False,
         "stripped_prefix": None,
     }
     if path.suffix == ".npz":
@@ -192,8 +239,7 @@ def read_checkpoint(path: str | Path, *, ema: bool = False) -> tuple[dict[str, T
             )
         info["format"] = "safetensors"
     else:
-        obj, unsafe = _torch_load(path)
-        info["unsafe_pickle_fallback"] = unsafe
+        obj, info["trusted_pickle"] = _torch_load(path, trust)
         sd, fmt, key = _unwrap(obj, path, ema)
         info["format"], info["loaded_key"] = fmt, key
     if not sd:

@@ -3,53 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import re
 import sys
 from pathlib import Path
 
-from vitspec.errors import VitspecError
+from vitspec.errors import VitspecError, cli_names
+from vitspec.outputs import OutputDir, check_out_dir
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from vitspec.analysis import analyze
-    from vitspec.hf import is_hf
-    from vitspec.loading import resolve_model_name
-    from vitspec.results import check_out_dir
-
-    if not is_hf(args.model):  # an unknown name fails before anything else is said or done
-        resolve_model_name(args.model)
-    label = args.label or (
-        Path(args.ckpt).stem if args.ckpt else "random-init" if args.random_init else "pretrained"
-    )
-    name = Path(args.model[3:]).name if is_hf(args.model) else args.model
+    label = args.label or _label(args)
+    name = Path(args.model[3:]).name if args.model.startswith("hf:") else args.model
     out = Path(args.out or f"runs/{name}-{label}")
-    check_out_dir(out, args.overwrite)  # before the work, not after it
-    if args.random_init:
-        _say(
-            args,
-            f"analysing {args.model} with RANDOM weights (seed {args.seed}): "
-            "the numbers describe an untrained network",
+    _check_paths(args)
+    # the output location is claimed (its temporary sibling created) before torch is imported
+    with OutputDir(out, overwrite=args.overwrite, protect=[args.images]) as tmp:
+        from vitspec.analysis import analyze
+
+        result = analyze(
+            args.model,
+            **_weights(args),
+            **_inputs(args),
+            sites=[s.strip() for s in args.sites.split(",") if s.strip()],
+            metrics=args.metrics,
+            device=args.device,
+            label=label,
+            featscale_form=args.featscale_form,
+            **_messages(args),
         )
-    result = analyze(
-        args.model,
-        ckpt=args.ckpt,
-        random_init=args.random_init,
-        seed=args.seed,
-        ema=args.ema,
-        strict=not args.non_strict,
-        images=args.images,
-        num_images=args.num_images,
-        sites=[s.strip() for s in args.sites.split(",") if s.strip()],
-        metrics=args.metrics,
-        batch_size=args.batch_size,
-        device=args.device,
-        label=label,
-        progress=not args.quiet and sys.stderr.isatty(),
-        featscale_form=args.featscale_form,
-    )
-    result.save(out, overwrite=args.overwrite, figures=not args.no_figures)
+        result.write(tmp, figures=not args.no_figures)
     info = result.info
-    for note in info.get("weights", {}).get("notes", []):
-        _say(args, note)
     _say(
         args,
         f"{info['images']['used']} images, {info['images_per_s']} img/s on {info['device']}"
@@ -59,7 +43,55 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """The input paths exist (checked again, in full, by the library)."""
+    for what, path in (("image folder or file", args.images), ("checkpoint", args.ckpt)):
+        if path is not None and not Path(path).expanduser().exists():
+            raise VitspecError(f"{what} not found: {path}")
+
+
+def _label(args: argparse.Namespace) -> str:
+    if args.ckpt:
+        return Path(args.ckpt).stem
+    return "random-init" if args.random_init else "pretrained"
+
+
+def _weights(args: argparse.Namespace) -> dict:
+    """The weight options of analyze / verify, from their shared flags."""
+    return dict(
+        ckpt=args.ckpt,
+        random_init=args.random_init,
+        seed=args.seed,
+        ema=args.ema,
+        strict=not args.non_strict,
+        model_kwargs=dict(args.model_arg) if args.model_arg else None,
+        img_size=args.img_size,
+        trust_checkpoint=args.trust_checkpoint,
+    )
+
+
+def _inputs(args: argparse.Namespace) -> dict:
+    """The image options of analyze / verify."""
+    return dict(
+        images=args.images,
+        num_images=args.num_images,
+        sample=args.sample,
+        sample_seed=args.sample_seed,
+        batch_size=args.batch_size,
+    )
+
+
+def _messages(args: argparse.Namespace) -> dict:
+    """Progress, notes and warnings on stderr; ``--quiet`` keeps only errors."""
+    return dict(
+        progress=not args.quiet,
+        log=None if args.quiet else lambda line: print(f"vitspec: {line}", file=sys.stderr),
+        warn=(lambda _line: None) if args.quiet else None,
+    )
+
+
 def _compare(args: argparse.Namespace) -> int:
+    check_out_dir(args.out, args.overwrite, protect=args.run_dirs)
     from vitspec.comparison import compare
 
     result = compare(
@@ -70,7 +102,10 @@ def _compare(args: argparse.Namespace) -> int:
         x=args.x,
         labels=args.labels,
         overwrite=args.overwrite,
+        allow_different_images=args.allow_different_images,
     )
+    if result.info["images_differ"]:
+        _say(args, f"the runs used different images: {result.info['images_differ']}")
     for name, have in result.info["not_in_every_run"].items():
         _say(args, f"left out {name}: only in {', '.join(have)}")
     _say(
@@ -82,47 +117,75 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _metrics(args: argparse.Namespace) -> int:
+    import fnmatch
+
+    from vitspec.collect import PRE
     from vitspec.metrics import list_metrics
 
-    specs = list_metrics(args.pattern)
-    width = max((len(s.name) for s in specs), default=0)
-    for spec in specs:
-        print(f"{spec.name:<{width}}  {spec.kind:<11}  {spec.formula}  [{spec.source}]")
-    return 0 if specs else 2
+    specs = list_metrics()
+    rows = [(s.name, s.kind, s.formula, s.source) for s in specs]
+    rows += [
+        (
+            PRE + s.name,
+            s.kind,
+            f"{s.name} on the pre-scale attention A of AttnScale blocks",
+            "vitspec",
+        )
+        for s in specs
+        if s.kind.startswith("attn")
+    ]
+    rows = [r for r in rows if fnmatch.fnmatchcase(r[0], args.pattern)]
+    if not rows:
+        print(
+            f"vitspec: no metric matches {args.pattern!r}; 'vitspec metrics' lists them all",
+            file=sys.stderr,
+        )
+        return 2
+    width = max(len(r[0]) for r in rows)
+    for name, kind, formula, source in rows:
+        print(f"{name:<{width}}  {kind:<11}  {formula}  [{source}]")
+    return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from vitspec.results import check_out_dir
-    from vitspec.verification import check_usage, verify
-
     sizes = _int_list(args.sizes, "--sizes") if args.sizes is not None else None
-    check_usage(args.model, synthetic=args.synthetic, sizes=sizes, ckpt=args.ckpt,
-                random_init=args.random_init)
-    label = "synthetic" if args.synthetic else args.label or (
-        Path(args.ckpt).stem if args.ckpt else "random-init" if args.random_init else "pretrained")
-    out = Path(args.out or (f"runs/verify-{label}" if args.synthetic
-                            else f"runs/verify-{args.model}-{label}"))
-    check_out_dir(out, args.overwrite)  # before the work, not after it
-    result = verify(
-        args.model, synthetic=args.synthetic, ckpt=args.ckpt, random_init=args.random_init,
-        seed=args.seed, ema=args.ema, strict=not args.non_strict, images=args.images,
-        num_images=args.num_images, batch_size=args.batch_size, device=args.device,
-        label=args.label, max_steps=args.max_steps, sizes=sizes, threads=args.threads,
-        progress=not args.quiet and sys.stderr.isatty(),
+    label = "synthetic" if args.synthetic else args.label or _label(args)
+    out = Path(
+        args.out
+        or (f"runs/verify-{label}" if args.synthetic else f"runs/verify-{args.model}-{label}")
     )
-    result.save(out, overwrite=args.overwrite, figures=not args.no_figures)
-    if args.random_init:
-        _say(args, f"verified {args.model} with RANDOM weights (seed {args.seed}): the numbers "
-                   "describe an untrained network")
+    _check_paths(args)
+    with OutputDir(out, overwrite=args.overwrite, protect=[args.images]) as tmp:
+        from vitspec.verification import verify
+
+        result = verify(
+            args.model,
+            synthetic=args.synthetic,
+            **_weights(args),
+            **_inputs(args),
+            device=args.device,
+            label=args.label,
+            max_steps=args.max_steps,
+            sizes=sizes,
+            threads=args.threads,
+            **_messages(args),
+        )
+        result.write(tmp, figures=not args.no_figures)
     for line in result.summary_lines(None if not args.quiet else "fail"):
         print(f"vitspec: {line}", file=sys.stderr)
     failed = result.info["summary"]["failed_checks"]
     if failed:
-        print(f"vitspec: FAIL: {', '.join(failed)} (a finding about these matrices, "
-              f"not a crash; rows with status 'fail' in {out}/verify.csv)", file=sys.stderr)
+        print(
+            f"vitspec: FAIL: {', '.join(failed)} (a finding about these matrices, "
+            f"not a crash; rows with status 'fail' in {out}/verify.csv)",
+            file=sys.stderr,
+        )
         return 1
-    _say(args, f"every applicable check passes -> {out}/ (verify.csv, verify.json"
-               f"{', figures' if not args.no_figures else ''})")
+    _say(
+        args,
+        f"every applicable check passes -> {out}/ (verify.csv, verify.json"
+        f"{', figures' if not args.no_figures else ''})",
+    )
     return 0
 
 
@@ -139,11 +202,13 @@ def _say(args: argparse.Namespace, message: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vitspec", description="Fourier-domain oversmoothing measures for Vision Transformers."
     )
     parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     p = sub.add_parser(
         "analyze",
@@ -166,12 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(released DeiT code, gains 1+2s/1+2t) or single (default: doubled for "
         "DeiT/ViT, single for CaiT; registered names keep their own)",
     )
-    p.add_argument(
-        "--images",
-        metavar="DIR",
-        help="image folder, searched recursively (default: the bundled sample photographs)",
-    )
-    p.add_argument("--num-images", type=int, metavar="N", help="first N readable images, sorted")
+    _add_inputs(p)
     p.add_argument(
         "--sites", default="embed,block", help="token sites: embed,mid,block (default: embed,block)"
     )
@@ -181,11 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATTERNS",
         help="comma-separated metric name patterns, e.g. 'hc_*,attn_entropy' (default: all)",
     )
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<model>-<label>)")
     p.add_argument("--label", help="run label (default: checkpoint file stem or random-init)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.add_argument("--no-figures", action="store_true", help="write the tables only")
     _add_common(p)
     p.set_defaults(func=_analyze)
@@ -231,7 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="A,B,...",
         help="one label per run (default: each run.json's run name)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    p.add_argument(
+        "--allow-different-images",
+        action="store_true",
+        help="compare runs measured on different image sets (refused by default)",
+    )
     _add_common(p)
     p.set_defaults(func=_compare)
 
@@ -243,26 +306,40 @@ def build_parser() -> argparse.ArgumentParser:
         "softmax matrices) and write verify.csv, verify.json and figures. Exit 0 when no check "
         "fails, 1 when one fails, 2 on usage errors.",
     )
-    p.add_argument("model", nargs="?", default=None,
-                   help="timm model name or alias (omit with --synthetic)")
-    p.add_argument("--synthetic", action="store_true",
-                   help="run the synthetic suite (random logits, N in --sizes), no model")
-    p.add_argument("--sizes", default=None, metavar="N,N,...",
-                   help="token counts of the synthetic suite (default 16,64,197,577)")
+    p.add_argument(
+        "model", nargs="?", default=None, help="timm model name or alias (omit with --synthetic)"
+    )
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="run the synthetic suite (random logits, N in --sizes), no model",
+    )
+    p.add_argument(
+        "--sizes",
+        default=None,
+        metavar="N,N,...",
+        help="token counts of the synthetic suite (default 16,64,197,577)",
+    )
     _add_weights(p)
-    p.add_argument("--images", metavar="DIR",
-                   help="image folder, searched recursively (default: the bundled photographs)")
-    p.add_argument("--num-images", type=int, metavar="N", help="first N readable images, sorted")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    p.add_argument("--max-steps", type=int, default=512, metavar="T",
-                   help="most powers A^t for lowpass_limit (default 512)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the checks are many small LAPACK calls)")
-    p.add_argument("--out", metavar="DIR",
-                   help="output directory (default: runs/verify-<model>-<label>)")
+    _add_inputs(p)
+    p.add_argument(
+        "--max-steps",
+        type=_positive,
+        default=512,
+        metavar="T",
+        help="most powers A^t for lowpass_limit (default 512)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=1,
+        help="torch CPU threads (default 1: the checks are many small LAPACK calls)",
+    )
+    p.add_argument(
+        "--out", metavar="DIR", help="output directory (default: runs/verify-<model>-<label>)"
+    )
     p.add_argument("--label", help="run label (default: checkpoint file stem or random-init)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.add_argument("--no-figures", action="store_true", help="write the tables only")
     _add_common(p)
     p.set_defaults(func=_verify)
@@ -288,8 +365,92 @@ def _add_weights(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--non-strict",
         action="store_true",
-        help="load despite missing/unexpected keys (recorded in run.json)",
+        help="load despite missing/unexpected keys (recorded in run.json; never drops blocks)",
     )
+    g.add_argument(
+        "--model-arg",
+        action="append",
+        type=_model_arg,
+        metavar="KEY=VALUE",
+        help="timm.create_model argument, value a Python literal (repeatable), e.g. depth=24",
+    )
+    g.add_argument(
+        "--img-size",
+        type=_positive,
+        metavar="N",
+        help="analyse N x N images (model built for N; position embeddings resampled by timm)",
+    )
+    g.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow a checkpoint that needs full unpickling (it can run code from the file)",
+    )
+
+
+def _add_inputs(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("images")
+    g.add_argument(
+        "--images",
+        metavar="PATH",
+        help="image folder (searched recursively) or one image file "
+        "(default: the bundled sample photographs)",
+    )
+    g.add_argument("--num-images", type=_positive, metavar="N", help="how many readable images")
+    g.add_argument(
+        "--sample",
+        choices=("first", "random"),
+        default="first",
+        help="first N in sorted path order, or N drawn uniformly at random (default first)",
+    )
+    g.add_argument(
+        "--sample-seed", type=int, default=0, metavar="S", help="seed of --sample random (0)"
+    )
+    g.add_argument("--batch-size", type=_positive, default=16, metavar="B")
+    g.add_argument(
+        "--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)"
+    )
+
+
+_OVERWRITE_HELP = (
+    "replace a previous vitspec output at --out (only a folder vitspec wrote, holding nothing "
+    "else; never ., .., home or an input folder)"
+)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    if text not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", text):
+        raise argparse.ArgumentTypeError(
+            f"unknown device {text!r}; allowed: auto, cpu, cuda, cuda:N"
+        )
+    return text
+
+
+def _model_arg(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. depth=24), got {text!r}")
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        value = raw.strip()  # a bare word: a string (e.g. global_pool=avg)
+    return key.strip(), value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and exit code 2, like every other vitspec error."""
+
+    def error(self, message: str):
+        self.exit(2, f"vitspec: error: {self.prog.removeprefix('vitspec ')}: {message}\n")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -306,9 +467,13 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit code (0 ok, 1 a finding or data problem, 2 a usage error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, a usage error (one line, exit 2)
+        return int(exc.code or 0)
+    try:
+        with cli_names():
+            return args.func(args)
     except VitspecError as err:
         if args.debug:
             raise

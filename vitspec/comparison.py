@@ -28,14 +28,16 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from vitspec.errors import VitspecError
-from vitspec.results import Result, atomic_dir, check_out_dir
+from vitspec.errors import VitspecError, option
+from vitspec.outputs import OutputDir, atomic_dir
+from vitspec.results import Result
 
 TOKEN_SITES = ("embed", "mid", "block")
 X_AXES = ("layer", "depth")
@@ -54,6 +56,7 @@ DIFF_COLUMNS = [
     "rel_diff",
     "sign",
     "reference_layer",
+    "same_images",
 ]
 
 
@@ -91,15 +94,19 @@ class ComparisonResult:
         )
 
     def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
-        """Write compare.png, compare.pdf, differences.csv and compare.json, all or nothing."""
+        """Write compare.png, compare.pdf, differences.csv and compare.json, all or nothing;
+        ``overwrite`` replaces only a previous vitspec output."""
+        with atomic_dir(out, overwrite) as tmp:
+            self.write(tmp)
+        return Path(out)
+
+    def write(self, folder: Path) -> None:
+        """Write the comparison's files into an existing (temporary) folder."""
         from vitspec.plots import save_figure
 
-        out = Path(out)
-        with atomic_dir(out, overwrite) as tmp:
-            self.differences.to_csv(tmp / "differences.csv", index=False, float_format="%.10g")
-            (tmp / "compare.json").write_text(json.dumps(self.info, indent=2, default=str) + "\n")
-            save_figure(self.figure(), tmp, "compare")
-        return out
+        self.differences.to_csv(folder / "differences.csv", index=False, float_format="%.10g")
+        (folder / "compare.json").write_text(json.dumps(self.info, indent=2, default=str) + "\n")
+        save_figure(self.figure(), folder, "compare")
 
 
 def compare(
@@ -111,6 +118,7 @@ def compare(
     x: str | None = None,
     labels: str | Sequence[str] | None = None,
     overwrite: bool = False,
+    allow_different_images: bool = False,
 ) -> ComparisonResult:
     """Overlay the same metrics from several runs and tabulate per-layer differences.
 
@@ -126,7 +134,11 @@ def compare(
         x: ``"layer"`` or ``"depth"`` (layer / L); default ``depth`` when the runs' depths differ.
         labels: one unique label per run (list or comma-separated string); default each run.json's
             ``run`` field, with the directory name added where two are equal.
-        overwrite: replace an existing ``out``.
+        overwrite: replace a previous vitspec output at ``out``.
+        allow_different_images: compare runs measured on different image sets (refused by
+            default, naming the first difference: a metric's change between such runs mixes the
+            models' difference with the images'); the figure, differences.csv (``same_images``)
+            and compare.json then say so.
 
     Returns:
         A ``ComparisonResult`` (``.table``, ``.differences``, ``.info``, ``.figure()``).
@@ -138,13 +150,32 @@ def compare(
     run_dirs = [Path(d) for d in run_dirs]
     if len(run_dirs) < 2:
         raise VitspecError(f"compare needs at least 2 run directories, got {len(run_dirs)}")
+    seen: dict[Path, Path] = {}
+    for d in run_dirs:
+        first = seen.setdefault(d.resolve(), d)
+        if first is not d:
+            raise VitspecError(f"run directory {d} is given twice (as {first} and {d})")
     if x is not None and x not in X_AXES:
         raise VitspecError(f"unknown x axis {x!r}; allowed: {', '.join(X_AXES)}")
     if site not in TOKEN_SITES:
         raise VitspecError(f"unknown site {site!r}; allowed: {', '.join(TOKEN_SITES)}")
-    if out is not None:
-        check_out_dir(Path(out), overwrite)  # before the work, not after it
+    # the output location is claimed (checked, its temporary sibling made) before the work
+    claim = OutputDir(out, overwrite=overwrite, protect=run_dirs) if out is not None else None
+    with claim or nullcontext() as tmp:
+        comparison = _compare(run_dirs, metrics, site, x, labels, allow_different_images)
+        if tmp is not None:
+            comparison.write(tmp)
+    return comparison
+
+
+def _compare(run_dirs, metrics, site, x, labels, allow_different_images) -> ComparisonResult:
     results = [Result.load(d) for d in run_dirs]
+    images_differ = _image_difference(results, run_dirs)
+    if images_differ and not allow_different_images:
+        raise VitspecError(
+            f"the runs were measured on different images: {images_differ}; pass "
+            f"{option('allow_different_images', 'True')} to compare them anyway"
+        )
     labels = _labels(results, run_dirs, labels)
     depths = [_depth(r) for r in results]
     x = x or ("depth" if len(set(depths)) > 1 else "layer")
@@ -152,7 +183,7 @@ def compare(
     table = pd.concat(
         [_rows(r, label, names, site) for r, label in zip(results, labels)], ignore_index=True
     )
-    differences = _differences(table, labels, depths, names)
+    differences = _differences(table, labels, depths, names, same_images=not images_differ)
     info = {
         "vitspec": _version(),
         "command": " ".join(sys.argv),
@@ -160,6 +191,7 @@ def compare(
         "site": site,
         "x": x,
         "metrics": names,
+        "images_differ": images_differ,
         "not_in_every_run": _not_shared(results, labels, site, names),
         "matching": {
             label: "layer" if d == depths[0] else "nearest normalised depth"
@@ -170,10 +202,27 @@ def compare(
             for r, d, label, depth in zip(results, run_dirs, labels, depths)
         ],
     }
-    comparison = ComparisonResult(table=table, differences=differences, info=info)
-    if out is not None:
-        comparison.save(out, overwrite=overwrite)
-    return comparison
+    return ComparisonResult(table=table, differences=differences, info=info)
+
+
+def _image_difference(results: list[Result], dirs: list[Path]) -> str | None:
+    """The first way a run's image set differs from the first run's (source, count, a file)."""
+
+    def images(r: Result) -> tuple[str, list[str]]:
+        info = r.info.get("images") or {}
+        return str(info.get("source")), list(info.get("files") or [])
+
+    ref_source, ref_files = images(results[0])
+    for r, d in zip(results[1:], dirs[1:]):
+        source, files = images(r)
+        if source != ref_source:
+            return f"{dirs[0]} used {ref_source}, {d} used {source}"
+        if len(files) != len(ref_files):
+            return f"{dirs[0]} used {len(ref_files)} images, {d} used {len(files)}"
+        for i, (a, b) in enumerate(zip(ref_files, files)):
+            if a != b:
+                return f"image {i + 1} is {a} in {dirs[0]} but {b} in {d}"
+    return None
 
 
 def _labels(results: list[Result], dirs: list[Path], labels) -> list[str]:
@@ -266,7 +315,12 @@ def _rows(result: Result, label: str, names: list[str], site: str) -> pd.DataFra
 
 
 def _differences(
-    table: pd.DataFrame, labels: list[str], depths: list[int], names: list[str]
+    table: pd.DataFrame,
+    labels: list[str],
+    depths: list[int],
+    names: list[str],
+    *,
+    same_images: bool,
 ) -> pd.DataFrame:
     ref = table[table["run"] == labels[0]]
     ref_depth = depths[0]
@@ -307,6 +361,7 @@ def _differences(
                         "rel_diff": rel,
                         "sign": np.where(diff > tol, "+", np.where(diff < -tol, "-", "0")),
                         "reference_layer": matched,
+                        "same_images": same_images,
                     }
                 )
             )
@@ -341,6 +396,8 @@ def _title(info: dict) -> str:
     random = [run["label"] for run in info["runs"] if run.get("random_init")]
     used = sorted({run.get("images_used") for run in info["runs"]}, key=str)
     warn = f" - RANDOM INIT: {', '.join(random)}" if random else ""
+    if info.get("images_differ"):
+        warn += " - DIFFERENT IMAGES"
     return (
         f"{' vs '.join(labels)} - site {info['site']}, mean +/- sd over "
         f"{'/'.join(str(u) for u in used)} images{warn}"

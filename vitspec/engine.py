@@ -1,8 +1,9 @@
-"""The run engine: one forward loop over the images, handing what the hooks observe to consumers.
+"""The run engine: one forward loop over a session's images, handing what the hooks observe to
+consumers.
 
-``open_session`` resolves the device, loads the model and weights, finds the adapter and opens the
-images; ``run`` drives the forward passes with the hooks the consumers' sites need, on CPU worker
-lanes beside the forward pass (:mod:`vitspec.pipeline`), with progress, timing and provenance.
+A session (:mod:`vitspec.session`: weights, inputs, device, the loaded model, its adapter and
+batches) is run by :func:`run` with the hooks the consumers' sites need, on CPU worker lanes beside
+the forward pass (:mod:`vitspec.pipeline`), with a finite-activation guard, progress, and timing.
 ``analyze``'s metric collector and ``verify``'s theory checker are two consumers of it.
 
 A consumer has ``sites`` (a set of :mod:`vitspec.sites` names), ``start_batch(info)``,
@@ -12,57 +13,31 @@ torchmetrics' sense, so sharded runs gather in one place).
 
 from __future__ import annotations
 
-import platform
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Protocol
 
-import timm
 import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import Tensor
 
-import vitspec
-from vitspec import hf
-from vitspec.adapters import Adapter, Geometry, get_adapter
+from vitspec.adapters import Adapter, Geometry
 from vitspec.capture import capture
 from vitspec.errors import VitspecError
-from vitspec.inputs import ImageSet, eval_transform, iter_batches, open_images
-from vitspec.loading import LoadedModel, load_model
 from vitspec.pipeline import Pipeline
-from vitspec.sites import OPTIONAL_SITES, Unavailable
-
-
-@dataclass(frozen=True)
-class Weights:
-    """Which weights a model name gets (see :func:`vitspec.loading.load_model`).
-
-    Example:
-        >>> Weights(random_init=True, model_kwargs={"depth": 2}).random_init
-        True
-    """
-
-    ckpt: str | Path | None = None
-    random_init: bool = False
-    seed: int = 0
-    ema: bool = False
-    strict: bool = True
-    model_kwargs: dict | None = None
-    featscale_form: str | None = None
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """The images: a folder (default the bundled photographs) or preprocessed ``[B, 3, H, W]``
-    batches; the first ``num_images``; ``batch_size`` per forward pass."""
-
-    images: str | Path | Iterable | None = None
-    num_images: int | None = None
-    batch_size: int = 16
+from vitspec.progress import Progress, choose_mode
+from vitspec.session import (  # noqa: F401 (the engine's API: sessions are opened here)
+    Inputs,
+    Session,
+    Weights,
+    check_request,
+    load,
+    open_session,
+    resolve_device,
+    stderr_warn,
+)
+from vitspec.sites import OPTIONAL_SITES, RESID_POST, RESID_PRE, Unavailable
 
 
 @dataclass(frozen=True)
@@ -94,79 +69,6 @@ class Consumer(Protocol):
 
 
 @dataclass
-class Session:
-    """A loaded model, its adapter, and the batches it runs on.
-
-    Attributes:
-        loaded: the model and its weights' provenance.
-        adapter: where its sites are.
-        image_set: the image folder's files (None for tensor batches).
-        batches: preprocessed ``[B, 3, H, W]`` batches.
-        total: expected number of images (for the progress bar; None if unknown).
-        inputs: the input options.
-        device: where the model runs.
-    """
-
-    loaded: LoadedModel
-    adapter: Adapter
-    image_set: ImageSet | None
-    batches: Iterator
-    total: int | None
-    inputs: Inputs
-    device: torch.device
-
-    @property
-    def net(self) -> nn.Module:
-        return self.loaded.model
-
-    def ids(self, label: str | None) -> dict:
-        """The leading columns: run (``<model>-<label>``), model, checkpoint."""
-        ckpt = self.loaded.checkpoint
-        label = label or (Path(ckpt).stem if ckpt != "random-init" else "random-init")
-        return {"run": f"{self.loaded.name}-{label}", "model": self.loaded.name, "checkpoint": ckpt}
-
-    def provenance(self, ids: dict, used: int) -> dict:
-        """The run.json fields every command shares: versions, model, weights, images."""
-        images = self.image_set
-        return {
-            "vitspec": vitspec.__version__,
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "python": platform.python_version(),
-            "run": ids["run"],
-            "model": self.loaded.name,
-            "timm_name": self.loaded.timm_name,
-            "checkpoint": self.loaded.checkpoint,
-            "weights": self.loaded.provenance,
-            "random_init": self.loaded.checkpoint == "random-init",
-            "family": self.adapter.family,
-            "depth": self.adapter.depth,
-            "images": {
-                "source": images.source if images else "tensors",
-                "requested": self.inputs.num_images,
-                "used": used,
-                "skipped": images.skipped if images else [],
-                "files": images.used if images else [],
-            },
-        }
-
-    def timing(self, used: int, wall: float) -> dict:
-        """Device, batch size, threads, wall time, images per second and the command line."""
-        dev = self.device
-        return {
-            "device": str(dev),
-            "device_name": torch.cuda.get_device_name(dev)
-            if dev.type == "cuda"
-            else platform.processor() or platform.machine(),
-            "batch_size": self.inputs.batch_size,
-            "threads": torch.get_num_threads(),
-            "wall_time_s": round(wall, 3),
-            "images_per_s": round(used / wall, 3) if wall > 0 else None,
-            "command": " ".join(sys.argv),
-        }
-
-
-@dataclass
 class RunInfo:
     """What ``run`` measured about the run itself.
 
@@ -183,80 +85,6 @@ class RunInfo:
     image_hw: tuple[int, int] | None
     stages: list[dict]
     unavailable: Unavailable
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it is an error.
-
-    Example:
-        >>> resolve_device("cpu")
-        device(type='cpu')
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise VitspecError(f"unknown device {device!r}; allowed: auto, cpu, cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise VitspecError(
-            "--device cuda was asked for but CUDA is not available on this machine; "
-            "use --device cpu or auto"
-        )
-    return torch.device(device)
-
-
-def load(model: str | nn.Module, weights: Weights = Weights()) -> LoadedModel:
-    """A ``LoadedModel`` from a timm name (with ``weights``) or an in-memory module (used as
-    is); ``hf:PATH`` folders are opened by :func:`open_session`."""
-    if isinstance(model, nn.Module):
-        name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
-        return LoadedModel(
-            model=model.eval(),
-            name=name,
-            timm_name=name,
-            checkpoint="in-memory",
-            provenance={"source": "in-memory"},
-        )
-    return load_model(model, **asdict(weights))
-
-
-def open_session(
-    model: str | nn.Module,
-    *,
-    weights: Weights = Weights(),
-    inputs: Inputs = Inputs(),
-    device: str | torch.device = "auto",
-    warn: Callable[[str], None] | None = None,
-) -> Session:
-    """Resolve the device, load ``model``, find its adapter and open its images; every user
-    mistake is a one-line :class:`VitspecError` before any work."""
-    warn = warn or stderr_warn
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    size = inputs.batch_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise VitspecError(f"--batch-size must be >= 1, got {size!r}")
-    if hf.is_hf(model):
-        if weights != Weights():
-            raise VitspecError(
-                f"{model}: the weights are the folder's; --ckpt, --random-init, "
-                "--ema and model options do not apply"
-            )
-        loaded, transform = hf.load_folder(model)
-    else:
-        loaded, transform = load(model, weights), None
-    for line in loaded.provenance.get("warnings", []):
-        warn(line)
-    net = loaded.model.eval()
-    adapter = get_adapter(net, loaded.timm_name)
-    images, num = inputs.images, inputs.num_images
-    if images is None or isinstance(images, (str, Path)):
-        image_set = open_images(images, num)
-        transform = transform or eval_transform(net)
-        batches = iter_batches(image_set, transform, size, warn=warn)
-        total = num if num is not None else len(image_set.paths)
-    else:
-        image_set, batches, total = None, _tensor_batches(images, num), num
-    net.to(dev)
-    return Session(loaded, adapter, image_set, batches, total, inputs, dev)
 
 
 def available_sites(adapter: Adapter) -> frozenset[str]:
@@ -283,23 +111,27 @@ def run(
     session: Session,
     consumers: Sequence[Consumer],
     *,
-    progress: bool = False,
+    progress: bool | str = False,
     pipeline: bool = True,
     warn: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> RunInfo:
     """The one forward loop: every batch through the model with the consumers' sites hooked.
 
     On CPU with ``pipeline`` each consumer runs on its own worker lane beside the forward pass
     (every thread on one core; results identical to running inline); on CUDA inline, the
-    kernels are already asynchronous. Memory stays flat in the number of images.
+    kernels are already asynchronous. Memory stays flat in the number of images. The first
+    block whose output is not finite stops the run with its name (checked on the forward
+    thread, before the next block). ``progress``: see :func:`vitspec.progress.choose_mode`.
     """
     warn = warn or stderr_warn
     adapter, dev = session.adapter, session.device
-    sites = frozenset().union(*(c.sites for c in consumers))
-    unavailable = missing_sites(adapter, sites, warn)
+    wanted = frozenset().union(*(c.sites for c in consumers))
+    unavailable = missing_sites(adapter, wanted, warn)
     head_params = adapter.head_params()
     threaded = pipeline and dev.type == "cpu"
-    bar = tqdm(total=session.total, unit="img", disable=not progress, file=sys.stderr, leave=False)
+    bar = Progress(session.total, choose_mode(progress), log)
+    check = _finite_check(adapter)
     used, index, image_hw = 0, 0, None
     start = time.perf_counter()
     with ExitStack() as stack:
@@ -312,10 +144,12 @@ def run(
                 routes.setdefault(site, []).append(lane.wrap(consumer.on))
 
         def emit(site: str, layer: int, x: Tensor) -> None:
+            if site == RESID_POST or (site == RESID_PRE and layer == 1):
+                check(site, layer, x)
             for deliver in routes.get(site, ()):
                 deliver(site, layer, x)
 
-        with torch.inference_mode(), capture(adapter, sites, emit):
+        with torch.inference_mode(), capture(adapter, wanted | {RESID_PRE, RESID_POST}, emit):
             for batch in session.batches:
                 image_hw = tuple(batch.shape[-2:])
                 geometry = adapter.geometry(image_hw)
@@ -333,6 +167,30 @@ def run(
     wall = time.perf_counter() - start
     stages = adapter.stages(image_hw) if image_hw is not None else []
     return RunInfo(used, wall, image_hw, stages, unavailable)
+
+
+def _finite_check(adapter: Adapter) -> Callable[[str, int, Tensor], None]:
+    """``check(site, layer, x)`` raising at the first non-finite block output (or embedding),
+    naming the block by its module path."""
+    names = {id(m): name for name, m in adapter.model.named_modules()}
+    taps = adapter.taps()
+
+    def where(site: str, layer: int) -> str:
+        if site == RESID_PRE:
+            return "the embedding (input of block 1)"
+        tap = taps.get((site, layer))
+        name = names.get(id(tap.module)) if tap is not None else None
+        return f"block {layer} ({name})" if name else f"block {layer}"
+
+    def check(site: str, layer: int, x: Tensor) -> None:
+        if not bool(torch.isfinite(x).all()):
+            raise VitspecError(
+                f"NaN or Inf in the output of {where(site, layer)}: the model's activations are "
+                "not finite (check the checkpoint and input scaling)",
+                exit_code=1,
+            )
+
+    return check
 
 
 @contextmanager
@@ -361,27 +219,3 @@ class _Inline:
 
     def __exit__(self, *exc) -> None:
         pass
-
-
-def _tensor_batches(batches: Iterable, num_images: int | None) -> Iterator:
-    """Preprocessed batches from a user's iterable, cut after ``num_images`` images."""
-    seen = 0
-    for batch in batches:
-        if isinstance(batch, (tuple, list)):
-            batch = batch[0]
-        if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
-            raise VitspecError("images must be a folder or an iterable of [B, 3, H, W] tensors")
-        if num_images is not None:
-            batch = batch[: num_images - seen]
-        if batch.shape[0]:
-            yield batch
-        seen += batch.shape[0]
-        if num_images is not None and seen >= num_images:
-            return
-    if seen == 0:
-        raise VitspecError("the image batches given were empty")
-
-
-def stderr_warn(message: str) -> None:
-    """The default ``warn``: one line on stderr."""
-    print(f"vitspec: warning: {message}", file=sys.stderr)

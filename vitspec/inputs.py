@@ -7,14 +7,20 @@ file is skipped with a one-line warning instead.
 Rules, so results are reproducible:
 
 * Candidates are the files under the folder (recursively) whose extension is one of
-  :data:`IMAGE_EXTENSIONS` (case-insensitive), sorted by their relative POSIX path. Hidden files
-  and folders (name starting with ``.``, e.g. macOS ``._x.jpg`` resource forks) are ignored.
-* "The first N images" are the first N *readable* candidates in that order; unreadable or
-  truncated files are skipped, recorded in :attr:`ImageSet.skipped`, and do not count.
+  :data:`IMAGE_EXTENSIONS` (case-insensitive), sorted by their relative POSIX path, or the one
+  image file given. Hidden files and folders (name starting with ``.``, e.g. macOS ``._x.jpg``
+  resource forks) are ignored.
+* ``sample="first"``: "the first N images" are the first N *readable* candidates in that order.
+  ``sample="random"``: the candidates in a seeded uniform random order (``random.Random(seed)``),
+  then the first N readable of that order: a uniform draw of N paths from the whole tree, the
+  same for the same seed and tree. Unreadable or truncated files are skipped, recorded in
+  :attr:`ImageSet.skipped`, and do not count.
 * Every image is decoded in full (``img.load()``, so a truncated file is caught) and converted with
   plain ``img.convert("RGB")``: greyscale is replicated into three channels, palette images are
   expanded, and transparency is dropped *without* compositing (RGBA/LA pixels keep their colour,
-  the alpha channel is discarded). 16-bit greyscale goes through Pillow's own conversion.
+  the alpha channel is discarded). High-bit-depth greyscale (16-bit PNG / TIFF, Pillow modes
+  ``I;16*``, and ``I`` holding values above 255) is scaled to 8 bits (divided by 257, so
+  65535 -> 255), not clipped; float images (mode ``F``) are taken as [0, 1].
 * Decoding and the timm transform run in a small thread pool that works one batch ahead of the
   caller, so reading overlaps the model's forward pass; the order of images is exactly the
   sequential order.
@@ -22,6 +28,7 @@ Rules, so results are reproducible:
 
 from __future__ import annotations
 
+import random
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -30,15 +37,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
-from vitspec.errors import VitspecError
+from vitspec.errors import VitspecError, option
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
+_KINDS = "jpg, jpeg, png, bmp, webp, tif"
 _BUNDLED = "bundled"
 _MAX_NAMED_SKIPS = 5
+SAMPLES = ("first", "random")
 
 
 def bundled_images_dir() -> Path:
@@ -56,9 +66,13 @@ class ImageSet:
     """A deterministic list of candidate image files and what happened to them.
 
     Attributes:
-        source: the folder as an absolute path string, or ``'bundled'``.
-        paths: candidate files (absolute), sorted by relative POSIX path.
+        source: the folder (or image file) as an absolute path string, or ``'bundled'``.
+        paths: candidate files (absolute) in the order they are tried: sorted by relative POSIX
+            path (``sample='first'``) or in the seeded random order (``sample='random'``).
         num_images: how many readable images to use; ``None`` means all.
+        found: how many candidate files the folder holds.
+        sample: ``'first'`` or ``'random'``.
+        seed: the seed of the random order.
         used: relative paths of the images actually analysed, in order (filled while iterating).
         skipped: ``{'path': rel, 'reason': str}`` for each unreadable file met while iterating.
     """
@@ -66,13 +80,19 @@ class ImageSet:
     source: str
     paths: list[Path]
     num_images: int | None
+    found: int = 0
+    sample: str = "first"
+    seed: int = 0
     used: list[str] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
 
     @property
     def root(self) -> Path:
         """The folder the relative paths in ``used`` and ``skipped`` are relative to."""
-        return bundled_images_dir() if self.source == _BUNDLED else Path(self.source)
+        if self.source == _BUNDLED:
+            return bundled_images_dir()
+        source = Path(self.source)
+        return source.parent if source.is_file() else source
 
     def relpath(self, path: Path) -> str:
         """``path`` relative to :attr:`root`, as a POSIX string."""
@@ -96,22 +116,32 @@ def _list_images(root: Path) -> list[Path]:
     return [p for _, p in found]
 
 
-def _check_count(value: Any, name: str) -> None:
+def check_count(value: Any, name: str) -> None:
+    """Refuse anything but a whole number >= 1, naming the option as the caller spells it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise VitspecError(f"{name} must be a whole number >= 1, got {value!r}")
+        raise VitspecError(f"{option(name)} must be a whole number >= 1, got {value!r}")
 
 
-def open_images(folder: str | Path | None = None, num_images: int | None = None) -> ImageSet:
+def open_images(
+    folder: str | Path | None = None,
+    num_images: int | None = None,
+    *,
+    sample: str = "first",
+    seed: int = 0,
+) -> ImageSet:
     """List the images of ``folder`` (recursively), or the bundled set when ``folder`` is None.
 
     Nothing is decoded here; unreadable files are found (and skipped) by :func:`iter_batches`.
 
     Args:
-        folder: a directory of images, or ``None`` for the bundled sample photos.
-        num_images: use the first N readable images in sorted order; ``None`` for all.
+        folder: a directory of images, one image file, or ``None`` for the bundled sample photos.
+        num_images: use N readable images; ``None`` for all.
+        sample: ``'first'`` (sorted order) or ``'random'`` (a seeded uniform draw).
+        seed: the seed of ``sample='random'``.
 
     Raises:
-        VitspecError: the folder is missing, holds no image files, or ``num_images < 1``.
+        VitspecError: the folder is missing, holds no image files, holds fewer than
+            ``num_images``, or an argument is out of range.
 
     Example:
         >>> images = open_images(num_images=4)
@@ -119,18 +149,38 @@ def open_images(folder: str | Path | None = None, num_images: int | None = None)
         ('bundled', 4, True)
     """
     if num_images is not None:
-        _check_count(num_images, "num_images")
+        check_count(num_images, "num_images")
+    if sample not in SAMPLES:
+        raise VitspecError(
+            f"{option('sample')} must be one of {', '.join(SAMPLES)}, got {sample!r}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise VitspecError(f"{option('sample_seed')} must be a whole number, got {seed!r}")
     if folder is None:
         root, source = bundled_images_dir(), _BUNDLED
     else:
         root = Path(folder).expanduser().absolute()
         source = str(root)
-    if not root.is_dir():
-        raise VitspecError(f"image folder not found: {root}")
-    paths = _list_images(root)
+    if root.is_file():
+        if root.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise VitspecError(f"{root} is not an image file ({_KINDS}) or a folder")
+        paths = [root]
+    elif root.is_dir():
+        paths = _list_images(root)
+    else:
+        raise VitspecError(f"image folder or file not found: {root}")
     if not paths:
-        raise VitspecError(f"no images (jpg, jpeg, png, bmp, webp, tif) in {root}")
-    return ImageSet(source=source, paths=paths, num_images=num_images)
+        raise VitspecError(f"no images ({_KINDS}) in {root}")
+    if num_images is not None and num_images > len(paths):
+        where = "the bundled images" if source == _BUNDLED else root
+        raise VitspecError(
+            f"{option('num_images')} is {num_images} but only {len(paths)} image "
+            f"file{'s were' if len(paths) != 1 else ' was'} found in {where}"
+        )
+    found = len(paths)
+    if sample == "random":
+        random.Random(seed).shuffle(paths)
+    return ImageSet(source, paths, num_images, found=found, sample=sample, seed=seed)
 
 
 def eval_data_config(model: torch.nn.Module) -> dict:
@@ -187,7 +237,27 @@ def eval_transform(model: torch.nn.Module) -> Callable[[Image.Image], torch.Tens
 def _read(path: Path) -> Image.Image:
     with Image.open(path) as img:
         img.load()  # full decode: truncated files raise here
-        return img.convert("RGB")
+        return to_rgb8(img)
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """8-bit RGB; high-bit-depth greyscale is scaled to 0..255 (Pillow's own convert clips it).
+
+    Example:
+        >>> grey16 = Image.fromarray(np.full((2, 2), 65535, dtype=np.uint16))
+        >>> to_rgb8(grey16).getpixel((0, 0))
+        (255, 255, 255)
+    """
+    if img.mode.startswith("I") or img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        scale = 1 / 257  # 16-bit: 65535 / 257 = 255
+        if img.mode == "F":
+            scale = 255.0
+        elif img.mode == "I" and values.max(initial=0) <= 255:
+            scale = 1.0  # a 32-bit container of 8-bit values
+        grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return img.convert("RGB")
 
 
 def _load(path: Path, transform: Callable) -> torch.Tensor | str:
@@ -236,8 +306,8 @@ def iter_batches(
         >>> [b.shape[0] for b in iter_batches(images, to_tensor, batch_size=2)], len(images.used)
         ([2, 1], 3)
     """
-    _check_count(batch_size, "batch_size")
-    _check_count(num_workers, "num_workers")
+    check_count(batch_size, "batch_size")
+    check_count(num_workers, "num_workers")
     return _batches(images, transform, batch_size, warn or _default_warn, num_workers)
 
 
@@ -310,12 +380,12 @@ def synthetic_batches(
         >>> [b.shape[0] for b in synthetic_batches(5, 2, (16, 16))]
         [2, 2, 1]
     """
-    _check_count(n, "n")
-    _check_count(batch_size, "batch_size")
+    check_count(n, "n")
+    check_count(batch_size, "batch_size")
     if len(size) != 2:
         raise VitspecError(f"size must be (height, width), got {size!r}")
     for s in size:
-        _check_count(s, "image height and width")
+        check_count(s, "image height and width")
     gen = torch.Generator().manual_seed(seed)
     height, width = int(size[0]), int(size[1])
     for start in range(0, n, batch_size):

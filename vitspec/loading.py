@@ -35,7 +35,7 @@ from vitspec.checkpoints import (
     read_checkpoint,
     short_reason,
 )
-from vitspec.errors import VitspecError
+from vitspec.errors import VitspecError, option
 
 __all__ = [
     "ALIASES",
@@ -119,6 +119,51 @@ def resolve_model_name(name: str) -> str:
     )
 
 
+def check_weights(
+    name: str,
+    *,
+    ckpt: str | Path | None = None,
+    random_init: bool = False,
+    model_kwargs: dict | None = None,
+    img_size: int | None = None,
+) -> tuple[str, dict]:
+    """Validate the weight options without building anything; return the timm name and the
+    ``timm.create_model`` keyword arguments (``img_size`` merged in).
+
+    Example:
+        >>> check_weights("deit_small", random_init=True, img_size=384)
+        ('deit_small_patch16_224', {'img_size': 384})
+    """
+    timm_name = resolve_model_name(name)
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise VitspecError(f"{option('model_kwargs')} must be a dict, got {model_kwargs!r}")
+    kwargs = dict(model_kwargs or {})
+    bad = [k for k in _FORBIDDEN_KWARGS if k in kwargs]
+    if bad:
+        raise VitspecError(
+            f"{option('model_kwargs')} may not set {', '.join(bad)}; pass "
+            f"{option('ckpt')} to load weights"
+        )
+    if random_init and ckpt is not None:
+        raise VitspecError(
+            f"{option('random_init')} and {option('ckpt')} are mutually exclusive: pass one"
+        )
+    if ckpt is not None:
+        check_file(ckpt)
+    if img_size is not None:
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
+            raise VitspecError(
+                f"{option('img_size')} must be a whole number >= 1, got {img_size!r}"
+            )
+        if kwargs.get("img_size", img_size) != img_size:
+            raise VitspecError(
+                f"{option('img_size')} {img_size} contradicts "
+                f"{option('model_kwargs', 'img_size=' + str(kwargs['img_size']))}"
+            )
+        kwargs["img_size"] = img_size
+    return timm_name, kwargs
+
+
 def _classifier_names(timm_name: str) -> tuple[str, ...]:
     try:
         cfg = timm.models.get_pretrained_cfg(timm_name)
@@ -135,7 +180,8 @@ def _create(timm_name: str, kwargs: dict, seed: int) -> torch.nn.Module:
             model = timm.create_model(timm_name, pretrained=False, **kwargs)
         except Exception as exc:  # noqa: BLE001 - TypeError/AssertionError from bad kwargs
             raise VitspecError(
-                f"cannot create {timm_name} with model_kwargs {kwargs}: {short_reason(exc)}"
+                f"cannot create {timm_name} with {option('model_kwargs')} {kwargs}: "
+                f"{short_reason(exc)}"
             ) from None
     return model.float().cpu().eval()
 
@@ -190,6 +236,8 @@ def load_model(
     strict: bool = True,
     model_kwargs: dict | None = None,
     featscale_form: str | None = None,
+    trust_checkpoint: bool = False,
+    img_size: int | None = None,
 ) -> LoadedModel:
     """Create a timm model and load local weights into it (never downloads).
 
@@ -201,11 +249,21 @@ def load_model(
         ema: load ``model_ema``/``state_dict_ema`` instead of the regular weights.
         strict: missing / unexpected / shape-mismatched keys raise; if False they become
             ``provenance['warnings']`` and only the fitting keys are loaded.
-        model_kwargs: passed to ``timm.create_model`` (e.g. ``img_size=32``).
+        model_kwargs: passed to ``timm.create_model`` (e.g. ``depth=24``, ``img_size=224``; a
+            checkpoint's position embeddings are then resampled by timm's filter, recorded in
+            ``provenance['pos_embed_resampled']`` and ``notes``).
         featscale_form: ``'doubled'`` or ``'single'`` FeatScale (see :mod:`vitspec.scaling`);
             None keeps a registered name's form and, for FeatScale found in a checkpoint loaded
             into a plain name, uses the authors' released form (doubled for DeiT / ViT, single
             for CaiT).
+        img_size: build the model for ``img_size`` x ``img_size`` images (``img_size`` in
+            ``model_kwargs``); a checkpoint's position embeddings are resampled to it.
+        trust_checkpoint: allow full unpickling of a checkpoint that needs it (it can run code
+            from the file; see :mod:`vitspec.checkpoints`); recorded in the provenance.
+
+    A checkpoint whose number of blocks differs from the model's, or a distilled checkpoint for a
+    plain model, is refused (also with ``strict=False``): loading part of it would silently
+    analyse another network.
 
     A checkpoint with AttnScale (``blocks.*.attn.lamb``) or FeatScale (``blocks.*.lamb1`` /
     ``lamb2``) parameters loaded into a model without them gets the technique added before the
@@ -221,15 +279,9 @@ def load_model(
         >>> lm.timm_name, lm.checkpoint, lm.model.training
         ('deit_tiny_patch16_224', 'random-init', False)
     """
-    timm_name = resolve_model_name(name)
-    kwargs = dict(model_kwargs or {})
-    bad = [k for k in _FORBIDDEN_KWARGS if k in kwargs]
-    if bad:
-        raise VitspecError(
-            f"model_kwargs may not set {', '.join(bad)}; pass ckpt=FILE to load weights"
-        )
-    if random_init and ckpt is not None:
-        raise VitspecError("random_init and ckpt are mutually exclusive: pass one of them")
+    timm_name, kwargs = check_weights(
+        name, ckpt=ckpt, random_init=random_init, model_kwargs=model_kwargs, img_size=img_size
+    )
     scaling.check_featscale_form(featscale_form)
 
     provenance: dict[str, Any] = {
@@ -240,10 +292,11 @@ def load_model(
         "loaded_key": None,
         "seed": seed,
         "warnings": [],
-        "unsafe_pickle_fallback": False,
+        "trusted_pickle": False,
         "stripped_prefix": None,
         "filter": None,
         "resampled": [],
+        "pos_embed_resampled": None,
         "hub_location": None,
         "num_classes": None,
         "techniques_added": [],
@@ -265,12 +318,18 @@ def load_model(
         path, location = found
         provenance["source"] = "hub-cache"
         provenance["hub_location"] = location
+        provenance["notes"].append(f"weights from the local hub cache: {location} ({path})")
     else:
         path = check_file(ckpt)
         provenance["source"] = "file"
 
-    sd, info = read_checkpoint(path, ema=ema)
+    sd, info = read_checkpoint(path, ema=ema, trust=trust_checkpoint)
     provenance.update(info)
+    if info["trusted_pickle"]:
+        provenance["warnings"].append(
+            f"{path.name} was read with full unpickling ({option('trust_checkpoint', 'True')}): "
+            "it could run code from the file"
+        )
     provenance["checkpoint_path"] = os.path.abspath(path)
     provenance["sha256"] = file_sha256(path)
     warnings: list[str] = provenance["warnings"]
@@ -293,6 +352,7 @@ def load_model(
         )
 
     model = _create(timm_name, kwargs, seed)
+    _check_architecture(sd, model, timm_name)
     raw_sd = sd
     sd, filter_name, resampled = _apply_filter(raw_sd, model, timm_name, path)
     if head_key is None and not head_tolerated and "num_classes" not in (model_kwargs or {}):
@@ -306,6 +366,9 @@ def load_model(
     # Resampling pos_embed to another image size is routine; anything else the filter reshaped
     # (e.g. patch_embed.proj.weight for another patch size) means a different architecture.
     provenance["resampled"] = [note for k, note in resampled.items() if "pos_embed" in k]
+    if "pos_embed" in resampled:
+        provenance["pos_embed_resampled"] = _pos_embed_note(raw_sd, sd, model)
+        provenance["notes"].append(provenance["pos_embed_resampled"]["note"])
     reshaped = [note for k, note in resampled.items() if "pos_embed" not in k]
 
     _add_techniques(model, sd, timm_name, featscale_form, provenance)
@@ -341,6 +404,55 @@ def load_model(
     model.float().cpu().eval()
     provenance["num_classes"] = int(kwargs["num_classes"])
     return LoadedModel(model, name, timm_name, path.name, provenance)
+
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _block_count(keys) -> int:
+    return 1 + max((int(m.group(1)) for k in keys if (m := _BLOCK_KEY.match(k))), default=-1)
+
+
+def _check_architecture(sd: dict[str, Tensor], model: torch.nn.Module, timm_name: str) -> None:
+    """Refuse a checkpoint of another depth, or a distilled one for a plain model (whole blocks
+    or tokens would be dropped or left random, also with strict=False)."""
+    have, want = _block_count(sd), _block_count(model.state_dict())
+    if have and want and have != want:
+        raise VitspecError(
+            f"checkpoint has {have} blocks, {timm_name} has {want}: pass "
+            f"{option('model_kwargs', f'depth={have}')}"
+        )
+    if "dist_token" in sd and not hasattr(model, "dist_token"):
+        distilled = timm_name.replace("_patch", "_distilled_patch", 1)
+        use = (
+            distilled
+            if distilled != timm_name and timm.is_model(distilled)
+            else "its distilled model"
+        )
+        raise VitspecError(
+            f"checkpoint is a distilled model (dist_token, head_dist) but {timm_name} is not: "
+            f"use {use}"
+        )
+
+
+def _pos_embed_note(raw_sd: dict, sd: dict, model: torch.nn.Module) -> dict:
+    """How timm's filter resampled the position embedding: grids before and after, method."""
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(model.num_prefix_tokens)
+
+    def grid(t: Tensor) -> list[int]:
+        side = round((t.shape[1] - prefix) ** 0.5)
+        return [side, side] if side * side == t.shape[1] - prefix else [t.shape[1] - prefix]
+
+    before, after = grid(raw_sd["pos_embed"]), grid(sd["pos_embed"])
+    method = "timm.layers.resample_abs_pos_embed (bicubic, antialias), prefix tokens kept"
+    shape = "x".join(map(str, before)), "x".join(map(str, after))
+    return {
+        "from": before,
+        "to": after,
+        "method": method,
+        "note": f"the checkpoint's position embeddings were resampled from {shape[0]} to "
+        f"{shape[1]} ({method})",
+    }
 
 
 def _add_techniques(model, sd, timm_name: str, form: str | None, provenance: dict) -> None:

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from vitspec.errors import VitspecError
+from vitspec.outputs import atomic_dir
 
 METRIC_COLUMNS = [
     "run",
@@ -92,18 +88,22 @@ class Result:
         """Write metrics.csv, spectra.csv, run.json (and figures) into ``out``, all or nothing.
 
         Everything is written to a temporary sibling directory that is renamed into place at the
-        end, so an interrupted or failed save leaves no half-written run directory.
+        end, so an interrupted or failed save leaves no half-written run directory; ``overwrite``
+        replaces only a previous vitspec output (see :mod:`vitspec.outputs`).
         """
-        out = Path(out)
         with atomic_dir(out, overwrite) as tmp:
-            self.metrics.to_csv(tmp / "metrics.csv", index=False, float_format="%.10g")
-            self.spectra.to_csv(tmp / "spectra.csv", index=False, float_format="%.10g")
-            (tmp / "run.json").write_text(json.dumps(self.info, indent=2, default=str) + "\n")
-            if figures:
-                from vitspec.plots import save_run_figures
+            self.write(tmp, figures=figures)
+        return Path(out)
 
-                save_run_figures(self, tmp)
-        return out
+    def write(self, folder: Path, *, figures: bool = True) -> None:
+        """Write the run's files into an existing (temporary) folder."""
+        self.metrics.to_csv(folder / "metrics.csv", index=False, float_format="%.10g")
+        self.spectra.to_csv(folder / "spectra.csv", index=False, float_format="%.10g")
+        (folder / "run.json").write_text(json.dumps(self.info, indent=2, default=str) + "\n")
+        if figures:
+            from vitspec.plots import save_run_figures
+
+            save_run_figures(self, folder)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Result:
@@ -123,39 +123,6 @@ class Result:
         )
         info = json.loads((run_dir / "run.json").read_text())
         return cls(metrics=metrics, spectra=spectra, info=info)
-
-
-@contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory of ``out`` that replaces ``out`` when the block ends.
-
-    ``out`` is checked first (``check_out_dir``); if the block raises, the temporary directory is
-    removed and ``out`` is left as it was, so no half-written output directory ever appears.
-
-    Example:
-        >>> with atomic_dir(tmp_path / "out") as tmp:  # doctest: +SKIP
-        ...     (tmp / "table.csv").write_text("a,b\\n")
-    """
-    out = Path(out)
-    check_out_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an existing output directory unless ``overwrite``; refuse a file in its place."""
-    if out.exists() and not out.is_dir():
-        raise VitspecError(f"output path {out} exists and is not a directory")
-    if out.exists() and not overwrite:
-        raise VitspecError(f"output directory {out} exists; pass --overwrite to replace it")
 
 
 def moments_frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:

@@ -16,6 +16,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +26,9 @@ from torch import nn
 
 import vitspec
 from vitspec.errors import VitspecError
+from vitspec.inputs import check_count
+from vitspec.outputs import OutputDir
+from vitspec.session import Inputs, Weights, check_request, resolve_device, stderr_warn
 from vitspec.verification.result import CHECKS, VERIFY_COLUMNS, VerifyResult, summarise, table
 
 __all__ = ["CHECKS", "VERIFY_COLUMNS", "VerifyResult", "check_usage", "verify"]
@@ -41,16 +45,24 @@ def verify(
     strict: bool = True,
     images: str | Path | Iterable | None = None,
     num_images: int | None = None,
+    sample: str = "first",
+    sample_seed: int = 0,
     batch_size: int = 16,
     device: str = "auto",
     label: str | None = None,
     max_steps: int = 512,
     sizes: Sequence[int] | None = None,
     threads: int | None = 1,
-    progress: bool = False,
+    progress: bool | str = False,
     warn: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None,
     model_kwargs: dict | None = None,
+    img_size: int | None = None,
     featscale_form: str | None = None,
+    trust_checkpoint: bool = False,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    figures: bool = True,
 ) -> VerifyResult:
     """Run every check of docs/verify.md on a model's attention (streamed over images), or on the
     synthetic suite (``synthetic=True``, no model).
@@ -59,10 +71,11 @@ def verify(
         model: a timm model name or alias, or an ``nn.Module`` used as is; None with
             ``synthetic=True``.
         synthetic: run the synthetic suite instead of a model.
-        ckpt, random_init, seed, ema, strict, model_kwargs, featscale_form: the weights, as in
-            ``analyze``
-            (``seed`` also seeds the random test vectors).
-        images, num_images, batch_size, device: the inputs, as in ``analyze``.
+        ckpt, random_init, seed, ema, strict, model_kwargs, img_size, featscale_form,
+            trust_checkpoint: the weights, as in ``analyze`` (``seed`` also seeds the random
+            test vectors).
+        images, num_images, sample, sample_seed, batch_size, device: the inputs, as in
+            ``analyze``.
         label: run label (default: checkpoint file stem or ``random-init``).
         max_steps: T, the most powers ``A^t`` lowpass_limit applies (it stops earlier once
             ``r_t < 1e-12``).
@@ -71,8 +84,9 @@ def verify(
             setting. The default 1 is deliberate: the checks are thousands of small float64
             LAPACK calls (SVDs of N x N matrices, batched by looping), which intra-op threads
             barely speed up and which slow down many-fold when the cores are shared.
-        progress: tqdm bar on stderr.
-        warn: receives one-line warnings (default: stderr).
+        progress, warn, log: as in ``analyze``.
+        out, overwrite, figures: also write the folder there (as :meth:`VerifyResult.save`),
+            claimed before the work; ``overwrite`` replaces only a previous vitspec output.
 
     Returns:
         A :class:`VerifyResult`: ``.table`` (verify.csv), ``.info`` (verify.json),
@@ -83,24 +97,33 @@ def verify(
         >>> r.passed  # doctest: +SKIP
         True
     """
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise VitspecError(f"max_steps must be a whole number >= 1, got {max_steps!r}")
+    check_count(max_steps, "max_steps")
     check_usage(model, synthetic=synthetic, sizes=sizes, ckpt=ckpt, random_init=random_init)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise VitspecError(f"threads must be a whole number >= 1, got {threads!r}")
+    if threads is not None:
+        check_count(threads, "threads")
+    request = None
+    if not synthetic:  # every check before the model is built or an image read
+        weights = Weights(ckpt, random_init, seed, ema, strict, model_kwargs, img_size,
+                          featscale_form, trust_checkpoint)
+        inputs = Inputs(images, num_images, batch_size, sample, sample_seed)
+        request = dict(weights=weights, inputs=inputs, device=resolve_device(device),
+                       image_set=check_request(model, weights, inputs))
+    claim = OutputDir(out, overwrite=overwrite, protect=[images]) if out is not None else None
     start = time.perf_counter()
     saved = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        if synthetic:
-            return _synthetic(sizes, max_steps, seed, start)
-        return _model(model, ckpt=ckpt, random_init=random_init, seed=seed, ema=ema,
-                      strict=strict, images=images, num_images=num_images,
-                      batch_size=batch_size, device=device, label=label, max_steps=max_steps,
-                      progress=progress, warn=warn, model_kwargs=model_kwargs,
-                      featscale_form=featscale_form, start=start)
+        with claim or nullcontext() as tmp:
+            if synthetic:
+                result = _synthetic(sizes, max_steps, seed, start)
+            else:
+                result = _model(model, request, label=label, max_steps=max_steps, seed=seed,
+                                progress=progress, warn=warn or stderr_warn, log=log,
+                                start=start)
+            if tmp is not None:
+                result.write(tmp, figures=figures)
+        return result
     finally:
         torch.set_num_threads(saved)
 
@@ -160,22 +183,15 @@ def _synthetic(sizes, max_steps: int, seed: int, start: float) -> VerifyResult:
     return VerifyResult(df, info, {"synthetic": pd.DataFrame(points)})
 
 
-def _model(model, *, ckpt, random_init, seed, ema, strict, images, num_images, batch_size, device,
-           label, max_steps, progress, warn, model_kwargs, featscale_form,
+def _model(model, request: dict, *, label, max_steps, seed, progress, warn, log,
            start) -> VerifyResult:
-    from vitspec.engine import Inputs, Weights, open_session, run, stderr_warn
+    from vitspec.engine import open_session, run
     from vitspec.verification.model import ModelVerifier
 
-    warn = warn or stderr_warn
-    session = open_session(
-        model,
-        weights=Weights(ckpt, random_init, seed, ema, strict, model_kwargs, featscale_form),
-        inputs=Inputs(images, num_images, batch_size),
-        device=device,
-        warn=warn,
-    )
+    session = open_session(model, **request, warn=warn, log=log)
     verifier = ModelVerifier(session.adapter, session.device, max_steps=max_steps, seed=seed)
-    done = run(session, [verifier], progress=progress, warn=warn)
+    # inline: the checks run on the calling thread with the ``threads`` the caller chose
+    done = run(session, [verifier], progress=progress, pipeline=False, warn=warn, log=log)
     if not verifier.tallies:
         raise VitspecError(f"no attention matrix was captured from {session.loaded.name}: "
                            "its blocks expose no square post-softmax attention")

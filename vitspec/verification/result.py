@@ -1,7 +1,7 @@
 """``VerifyResult``: the verify.csv table, the verify.json summary and the figures' small tables.
 
 Plain data (pandas and dicts, no tensors); saved all-or-nothing with
-:func:`vitspec.results.atomic_dir`.
+:func:`vitspec.outputs.atomic_dir`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from vitspec.errors import VitspecError
-from vitspec.results import atomic_dir
+from vitspec.outputs import atomic_dir
 from vitspec.verification.checks import PREMISE_TOL, RECON_TOL, RTOL
 from vitspec.verification.tally import PREMISE, Tallies, Tally  # noqa: F401 (re-exported)
 
@@ -88,6 +88,7 @@ def summarise(df: pd.DataFrame) -> dict:
         status = ("fail" if (rows["status"] == "fail").any() else
                   "pass" if not applicable.empty else "not-applicable")
         failing = rows[rows["status"] == "fail"]
+        na = rows[rows["status"] == "not-applicable"]
         checks[name] = {
             "status": status,
             "cases": int(applicable["cases"].sum()),
@@ -95,11 +96,29 @@ def summarise(df: pd.DataFrame) -> dict:
             "max_slack": float(applicable["max_slack"].max()) if not applicable.empty else None,
             "tolerance": CHECKS[name],
             "failing": [_where(r) for r in failing.itertuples()],
-            "not_applicable": sorted(set(rows.loc[rows["status"] == "not-applicable",
-                                                  "reason"])),
+            "not_applicable": sorted(set(na["reason"])),
+            "not_applicable_layers": sorted({int(v) for v in na["layer"].dropna()}),
         }
     failed = [name for name, c in checks.items() if c["status"] == "fail"]
     return {"status": "fail" if failed else "pass", "failed_checks": failed, "checks": checks}
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """``[5, 6, 7, 9]`` -> ``'layers 5-7, 9'``.
+
+    Example:
+        >>> layer_ranges([5, 6, 7, 9]), layer_ranges([3]), layer_ranges([])
+        ('layers 5-7, 9', 'layer 3', '')
+    """
+    if not layers:
+        return ""
+    parts, start = [], layers[0]
+    for prev, cur in zip(layers, [*layers[1:], None]):
+        if cur is None or cur != prev + 1:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    word = "layer" if len(layers) == 1 else "layers"
+    return f"{word} {', '.join(parts)}"
 
 
 def _where(row) -> str:
@@ -144,7 +163,11 @@ class VerifyResult:
             if status is not None and c["status"] != status:
                 continue
             slack = "n/a" if c["max_slack"] is None else f"{c['max_slack']:.4g}"
-            line = (f"{name:<19} {c['status'].upper():<14} cases {c['cases']:<8} "
+            verdict = c["status"].upper()
+            if c["not_applicable"] and c["status"] != "not-applicable":
+                layers = layer_ranges(c.get("not_applicable_layers", []))
+                verdict += f" (n/a at {layers})" if layers else " (partly n/a)"
+            line = (f"{name:<19} {verdict:<14} cases {c['cases']:<8} "
                     f"violations {c['violations']:<5} max slack {slack:<10} "
                     f"tol {c['tolerance']:g}")
             if c["failing"]:
@@ -157,19 +180,22 @@ class VerifyResult:
 
     def save(self, out: str | Path, *, overwrite: bool = False, figures: bool = True) -> Path:
         """Write verify.csv, verify.json (and the figures, PNG + PDF) into ``out``, all or
-        nothing."""
-        out = Path(out)
+        nothing; ``overwrite`` replaces only a previous vitspec output."""
         with atomic_dir(out, overwrite) as tmp:
-            self.table.to_csv(tmp / "verify.csv", index=False, float_format="%.10g")
-            info = {**self.info, "figure_data": {k: v.to_dict(orient="list")
-                                                 for k, v in self.figure_data.items()}}
-            text = json.dumps(_jsonable(info), indent=2, default=str, allow_nan=False)
-            (tmp / "verify.json").write_text(text + "\n")
-            if figures:
-                from vitspec.plots.verify import save_verify_figures
+            self.write(tmp, figures=figures)
+        return Path(out)
 
-                save_verify_figures(self, tmp)
-        return out
+    def write(self, folder: Path, *, figures: bool = True) -> None:
+        """Write the verify files into an existing (temporary) folder."""
+        self.table.to_csv(folder / "verify.csv", index=False, float_format="%.10g")
+        info = {**self.info, "figure_data": {k: v.to_dict(orient="list")
+                                             for k, v in self.figure_data.items()}}
+        text = json.dumps(_jsonable(info), indent=2, default=str, allow_nan=False)
+        (folder / "verify.json").write_text(text + "\n")
+        if figures:
+            from vitspec.plots.verify import save_verify_figures
+
+            save_verify_figures(self, folder)
 
     @classmethod
     def load(cls, out: str | Path) -> VerifyResult:
