@@ -16,9 +16,9 @@ from __future__ import annotations
 from timm.models.tnt import TNT
 
 from vitspec.adapters import register
-from vitspec.adapters.base import FamilyInfo, Tap, pair
+from vitspec.adapters.base import FamilyInfo, Tap, pair, split_windows
 from vitspec.adapters.layered import Layer, LayeredAdapter
-from vitspec.adapters.layout import item, windows_per_image
+from vitspec.adapters.layout import item
 
 NO_MID = (
     "inner attention acts on the pixel tokens; the patch stream changes once, by the projection"
@@ -50,7 +50,7 @@ class TntAdapter(LayeredAdapter):
                     stage="blocks",
                     post=stream,
                     pre=before,
-                    pattern=Tap(block.attn_in.attn_drop, "input", windows_per_image),
+                    pattern=Tap(block.attn_in.attn_drop, "input", split_windows),
                     prefix=prefix,
                     window=pixels,
                     partition="pixels",
