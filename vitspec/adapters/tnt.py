@@ -35,7 +35,8 @@ class TntAdapter(LayeredAdapter):
         examples=("tnt_s_patch16_224",),
         measured="two layers per block on the patch stream: inner attention per patch's pixel "
         "window (averaged over patches), outer attention over class token and patches",
-        not_measured="mid of inner layers (the inner attention acts on pixel tokens)",
+        not_measured="mid of inner layers (the inner attention acts on pixel tokens); "
+        "attn_cross_layer_sim (inner and outer layers alternate)",
     )
 
     def build(self) -> list[Layer]:
