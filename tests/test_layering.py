@@ -37,6 +37,7 @@ STAGES = {
     "vitspec.collect": 6,
     "vitspec.verification.checks": 6,
     "vitspec.verification.model": 6,
+    "vitspec.verification.blockchecks": 6,
     "vitspec.verification.summaries": 6,
     "vitspec.verification.synthetic": 6,
     "vitspec.verification.tally": 6,

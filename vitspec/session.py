@@ -196,8 +196,7 @@ def check_request(
         check_count(num, "num_images")
     if inputs.sample != "first":
         raise VitspecError(
-            f"{option('sample')} {inputs.sample!r} needs an image folder: batches are used in "
-            "order"
+            f"{option('sample')} {inputs.sample!r} needs an image folder: batches are used in order"
         )
     return None
 
