@@ -572,3 +572,34 @@ def test_analyze_end_to_end(family):
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, atol=0, rtol=0)
     assert {m: m.fused_attn for m in fused} == fused
+
+
+@pytest.mark.parametrize(("name", "layers"), [("swin", [4]), ("maxvit", []), ("davit", [])])
+def test_cross_layer_similarity_only_between_the_same_windows(name, layers):
+    """Swin: only stage 2's two blocks share windows (7x7 grid = one window, no shift); the
+    shifted block 2 and the stage change at 3 do not. MaxViT: block and grid windows alternate.
+    DaViT: spatial blocks are never consecutive (channel blocks between)."""
+    torch.manual_seed(0)
+    case = CASES[name]
+    x = torch.randn(B, 3, case.size, case.size)
+    result = vitspec.analyze(
+        case.build().eval(), images=[x], metrics="attn_cross_layer_sim", warn=lambda w: None
+    )
+    table = result.metrics
+    assert sorted(set(table[table.site == "attn"].layer)) == layers
+
+
+def test_linear_attention_query_subsample():
+    """Above ``max_queries`` tokens the rows of a seeded, sorted subsample of queries: the same
+    rows as the full row-normalised matrix, formed here explicitly."""
+    from vitspec.adapters.efficientvit_mit import SEED, row_normalised
+
+    torch.manual_seed(0)
+    q, k = torch.rand(2, 3, 10, 4), torch.rand(2, 3, 10, 4)
+    full = q @ k.transpose(-1, -2)
+    full = full / full.sum(-1, keepdim=True)
+    rows = torch.randperm(10, generator=torch.Generator().manual_seed(SEED))[:4].sort().values
+    sub = row_normalised(q, k, max_queries=4)
+    assert sub.shape == (2, 3, 4, 10)
+    torch.testing.assert_close(sub, full[..., rows, :])
+    torch.testing.assert_close(row_normalised(q, k), full)
