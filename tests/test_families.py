@@ -333,48 +333,6 @@ def _record(module: nn.Module, when: str, store: dict, key):
     return module.register_forward_hook(lambda _m, _a, o: store.__setitem__(key, o))
 
 
-def test_layers_tokens_and_patterns(family):
-    name, case, model, x = family
-    adapter = get_adapter(model)
-    assert type(adapter).__name__ == case.adapter
-    assert adapter.depth == len(case.tokens) - 1
-    geometry = adapter.geometry((case.size, case.size))
-    assert [g.tokens for g in geometry] == case.tokens
-    seen = _observe(adapter, model, x)
-    patterns = {n: tuple(t.shape) for (s, n), t in seen.items() if s == PATTERN}
-    assert patterns == case.patterns
-    for (site, n), t in seen.items():
-        if site == PATTERN:
-            torch.testing.assert_close(t.sum(-1), torch.ones_like(t.sum(-1)), atol=1e-5, rtol=0)
-        elif site != "resid_pre" or n == 1:  # later resid_pre follow downsampling
-            g = geometry[n if site != "resid_pre" else 0]
-            assert t.shape == (B, g.tokens, g.channels), (site, n)
-    unavailable = adapter.unavailable()
-    for site, words in case.missing.items():
-        assert words in unavailable[site]
-
-
-def test_tokens_in_raster_order(family):
-    """The emitted block outputs against the model's own NHWC / NCHW maps, indexed by hand."""
-    name, case, model, x = family
-    adapter = get_adapter(model)
-    raw, handles = {}, []
-    for n, layer in enumerate(adapter.layers, start=1):
-        if layer.layout in ("nhwc", "nchw"):
-            handles.append(_record(layer.post.module, "output", raw, n))
-    try:
-        seen = _observe(adapter, model, x, {"resid_post"})
-    finally:
-        for h in handles:
-            h.remove()
-    geometry = adapter.geometry((case.size, case.size))
-    for n, out in raw.items():
-        tokens, (h, w) = seen[("resid_post", n)], geometry[n].grid
-        r, c = h - 1, w // 2
-        own = out[:, r, c, :] if adapter.layers[n - 1].layout == "nhwc" else out[:, :, r, c]
-        torch.testing.assert_close(tokens[:, geometry[n].prefix + r * w + c], own)
-
-
 @pytest.fixture
 def softmaxes(monkeypatch):
     """Every softmax output computed by timm's code during the test (not vitspec's replays)."""
@@ -390,7 +348,7 @@ def softmaxes(monkeypatch):
             out.append(result)
         return result
 
-    def function(x, *args, **kwargs):
+    def function(x, *args, **kwargs):  # nn.Softmax modules call F.softmax
         result = functional_softmax(x, *args, **kwargs)
         if from_timm() or "torch" in sys._getframe(1).f_code.co_filename:
             out.append(result)
@@ -401,14 +359,41 @@ def softmaxes(monkeypatch):
     return out
 
 
-def test_patterns_are_the_softmax_the_model_computes(family, softmaxes):
+def test_layers_tokens_and_patterns(family, softmaxes):
+    """One forward under capture: layer count, token counts and widths per layer, pattern
+    shapes, rows summing to 1, tokens in raster order (against the model's own NHWC / NCHW maps,
+    indexed by hand), and every pattern equal to a softmax the model's code computed."""
     name, case, model, x = family
-    if name == "efficientvit_mit":
-        pytest.skip(
-            "linear attention has no softmax: see test_linear_attention_reproduces_the_module"
-        )
-    seen = _observe(get_adapter(model), model, x, {PATTERN})
-    for n, p in sorted((n, t) for (s, n), t in seen.items() if s == PATTERN):
+    adapter = get_adapter(model)
+    assert type(adapter).__name__ == case.adapter
+    assert adapter.depth == len(case.tokens) - 1
+    geometry = adapter.geometry((case.size, case.size))
+    assert [g.tokens for g in geometry] == case.tokens
+    raw, handles = {}, []
+    for n, layer in enumerate(adapter.layers, start=1):
+        if layer.layout in ("nhwc", "nchw"):
+            handles.append(_record(layer.post.module, "output", raw, n))
+    softmaxes.clear()  # the geometry's probe pass ran the model too
+    try:
+        seen = _observe(adapter, model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    patterns = {n: t for (s, n), t in seen.items() if s == PATTERN}
+    assert {n: tuple(t.shape) for n, t in patterns.items()} == case.patterns
+    for (site, n), t in seen.items():
+        if site != PATTERN and (site != "resid_pre" or n == 1):  # resid_pre: after downsampling
+            g = geometry[n if site != "resid_pre" else 0]
+            assert t.shape == (B, g.tokens, g.channels), (site, n)
+    for n, out in raw.items():
+        tokens, (h, w) = seen[("resid_post", n)], geometry[n].grid
+        r, c = h - 1, w // 2
+        own = out[:, r, c, :] if adapter.layers[n - 1].layout == "nhwc" else out[:, :, r, c]
+        torch.testing.assert_close(tokens[:, geometry[n].prefix + r * w + c], own)
+    for n, p in sorted(patterns.items()):
+        torch.testing.assert_close(p.sum(-1), torch.ones_like(p.sum(-1)), atol=1e-5, rtol=0)
+        if name == "efficientvit_mit":  # no softmax: test_linear_attention_reproduces_the_module
+            continue
         wanted = case.recorded(p) if callable(case.recorded) else p
         for part in wanted if isinstance(wanted, list) else [wanted]:
             found = [
@@ -419,6 +404,9 @@ def test_patterns_are_the_softmax_the_model_computes(family, softmaxes):
             assert any(
                 r.shape == part.shape and torch.allclose(r, part, atol=1e-6) for r in found
             ), f"layer {n}: no softmax of the model equals the emitted pattern"
+    unavailable = adapter.unavailable()
+    for site, words in case.missing.items():
+        assert words in unavailable[site]
 
 
 @pytest.mark.parametrize("name", ["swin", "swinv2", "maxvit"])
