@@ -308,8 +308,21 @@ CASES = {
 def family(request):
     torch.manual_seed(0)
     case = CASES[request.param]
+    return request.param, case, _built(case), torch.randn(B, 3, case.size, case.size)
+
+
+POSITIONAL = ("attention_biases", "relative_position_bias_table", "rel_pos", "pos_embed")
+
+
+def _built(case: Case) -> nn.Module:
+    """The tiny model in eval mode, its positional biases (zero at timm's init in LeViT and
+    EfficientViT-M) set to noise so that a recomputation leaving them out cannot pass."""
     model = case.build().eval()
-    return request.param, case, model, torch.randn(B, 3, case.size, case.size)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(word in name for word in POSITIONAL):
+                param.normal_(0.0, 1.0)
+    return model
 
 
 def _observe(adapter, model, x, sites=SITES):
@@ -416,7 +429,7 @@ def test_window_attention_by_hand(name):
     output before ``proj``: the emitted windows are the model's, in the stated token order."""
     torch.manual_seed(0)
     case = CASES[name]
-    model = case.build().eval()
+    model = _built(case)
     x = torch.randn(B, 3, case.size, case.size)
     adapter = get_adapter(model)
     if name == "maxvit":  # grid partition of stage 1 (layer 3), channels-last
@@ -479,7 +492,7 @@ def test_linear_attention_reproduces_the_module():
     equals LiteMLA's output before ``proj`` up to its eps: out_i = (A V)_i s_i / (s_i + eps)."""
     torch.manual_seed(0)
     case = CASES["efficientvit_mit"]
-    model = case.build().eval()
+    model = _built(case)
     x = torch.randn(B, 3, case.size, case.size)
     adapter = get_adapter(model)
     store, handles = {}, []
@@ -518,7 +531,7 @@ def test_cascaded_attention_replay_matches_the_module():
 
     torch.manual_seed(0)
     case = CASES["efficientvit_m"]
-    model = case.build().eval()
+    model = _built(case)
     cga = model.stages[0].blocks[0].mixer.m.attn
     store = {}
     handles = [_record(cga, "input", store, "in"), _record(cga, "output", store, "out")]
