@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test lint bench clean
+.PHONY: demo report test lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/vitspec analyze deit_small --random-init --out runs/demo --overwrite
 
+# The example report: figures and report.html from the trained digits toy runs (experiments/toy_scaling.py)
+TOY := reports/toy_scaling
+report: $(VENV)/.installed
+	$(VENV)/bin/vitspec report $(TOY)/baseline $(TOY)/attnscale $(TOY)/featscale $(TOY)/compare \
+		--size column --out $(TOY)/report --overwrite
+
 test: $(VENV)/.installed-test
 	$(PY) -m pytest
 
@@ -28,7 +34,7 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff format --check vitspec tests benchmarks experiments scripts
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/throughput.py --num-images 64 --repeats 3 --inline
+	$(PY) benchmarks/throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitspec
+from vitspec.reporting import draw
 from vitspec.scaling import add_attnscale, add_featscale, techniques
 
 VARIANTS = ("baseline", "attnscale", "featscale")
@@ -219,7 +220,7 @@ def run_seed(seed: int, data, args, log) -> dict:
             "test_accuracy": acc,
             "techniques": techniques(model),
         }
-        run_dir = result.save(run_root / variant, overwrite=True, figures=first)
+        run_dir = result.save(run_root / variant, overwrite=True)
         analyze_s = time.perf_counter() - start
         dirs.append(run_dir)
         rows[variant] = {
@@ -234,6 +235,7 @@ def run_seed(seed: int, data, args, log) -> dict:
         log(f"  test accuracy {acc:.4f} ({train_s:.0f} s training, {analyze_s:.0f} s analysis)")
     out = Path(args.out) / "compare" if first else run_root / "compare"
     comparison = vitspec.compare(dirs, out, labels=list(VARIANTS), overwrite=True)
+    draw(out)  # compare.png / .pdf from the saved folder
     d = comparison.differences
     cos = d[d["metric"] == "patch_cos_abs"]
     for run, group in cos.groupby("run"):

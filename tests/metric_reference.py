@@ -144,6 +144,13 @@ def attn_spectrum(a, prev):
     return np.linalg.norm(s, axis=1)
 
 
+def cls_dist_cos(x, num_prefix, grid):
+    """Models with a class and a distillation token: cos of tokens 0 and 1 (float64)."""
+    assert num_prefix == 2
+    a, b = x[0], x[1]
+    return float(a @ b / (np.sqrt(a @ a) * np.sqrt(b @ b)))
+
+
 TOKEN = {
     f.__name__: f
     for f in (
@@ -163,13 +170,17 @@ ATTN = {
     f.__name__: f
     for f in (attn_entropy, attn_hc_gain, attn_cross_layer_sim, attn_cos, attn_spectrum)
 }
-REFERENCE = {**TOKEN, **ATTN}
+#: token metrics defined only for 2 prefix tokens (class, distillation): not in TOKEN, which the
+#: contract test applies to every model
+PREFIX2 = {"cls_dist_cos": cls_dist_cos}
+REFERENCE = {**TOKEN, **PREFIX2, **ATTN}
 
 
 def reference_tokens(name, tokens, num_prefix, grid) -> np.ndarray:
     """Batched reference for a token metric: [B] or [B, K]."""
     x = np.asarray(tokens.detach().cpu().to(torch.float64))
-    return np.stack([np.asarray(TOKEN[name](xi, num_prefix, grid)) for xi in x])
+    fn = {**TOKEN, **PREFIX2}[name]
+    return np.stack([np.asarray(fn(xi, num_prefix, grid)) for xi in x])
 
 
 def reference_attn(name, attn, prev=None) -> np.ndarray:

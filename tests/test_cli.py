@@ -53,7 +53,7 @@ def test_analyze_writes_a_complete_run_directory(capsys, tmp_path, ckpt):
     )
     assert code == 0, err
     names = sorted(p.name for p in out.iterdir())
-    for stem in ("tokens", "attention", "dlogamp", "spectra"):
+    for stem in ("tokens", "cosine", "attention_heads", "dlogamp", "attn_spectrum"):
         assert f"{stem}.png" in names and f"{stem}.pdf" in names
     assert {"metrics.csv", "spectra.csv", "run.json"} <= set(names)
     info = json.loads((out / "run.json").read_text())

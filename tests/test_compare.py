@@ -13,6 +13,7 @@ from vitspec import ComparisonResult, analyze, compare
 from vitspec.cli import main
 from vitspec.errors import VitspecError
 from vitspec.inputs import synthetic_batches
+from vitspec.plots import compare_figures
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2)
 KEYS = ["site", "layer", "head", "metric"]
@@ -44,7 +45,7 @@ def runs(tmp_path_factory):
             metrics=metrics,
             warn=lambda m: None,
         )
-        dirs[name] = result.save(root / name, figures=False)
+        dirs[name] = result.save(root / name)
     return dirs
 
 
@@ -123,11 +124,10 @@ def test_different_depths_match_the_nearest_normalised_depth(runs):
 def test_save_writes_figure_table_and_provenance(runs, tmp_path):
     out = tmp_path / "cmp"
     c = compare([runs["base"], runs["other"], runs["deep"]], out, labels="base,other,deep")
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert sorted(p.name for p in out.iterdir()) == [  # data only: figures come from report
         "compare.json",
-        "compare.pdf",
-        "compare.png",
         "differences.csv",
+        "table.csv",
     ]
     table = pd.read_csv(out / "differences.csv", dtype={"head": "Int64"})
     assert list(table.columns[:12]) == [
@@ -155,16 +155,22 @@ def test_save_writes_figure_table_and_provenance(runs, tmp_path):
     assert info["metrics"][0] == "patch_cos_abs" and len(info["metrics"]) == 12
     assert info["x"] == "depth" and info["reference"] == "base"
 
-    fig = c.figure()
-    axes = [ax for ax in fig.axes if ax.get_visible()]
-    assert [ax.get_title() for ax in axes[:2]] == ["patch_cos_abs (block)", "hc_dc_ratio (block)"]
-    assert axes[-1].get_title() == "attn_cross_layer_sim (attn, head mean)"
+    back = ComparisonResult.load(out)
+    pd.testing.assert_frame_equal(back.table, c.table.reset_index(drop=True), check_dtype=False)
+    assert back.info == json.loads(json.dumps(c.info, default=str))
+
+    drawn = compare_figures(back.table, back.info)["compare"]
+    axes = [ax for ax in drawn.figure.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes[:2]] == ["patch_cos_abs", "hc_dc_ratio"]
+    assert axes[-1].get_title() == "attn_cross_layer_sim"
     for ax in axes:
         assert len(ax.get_lines()) == 3 and len(ax.collections) == 3  # a line and a band per run
         assert ax.get_xlabel() == "normalised depth (layer / L)"
+    assert "base vs other vs deep" in drawn.caption and "sd over 4/4/4 images" in drawn.caption
     deep = axes[0].get_lines()[2]
     np.testing.assert_allclose(deep.get_xdata(), np.arange(1, 7) / 6)
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["base", "other", "deep"]
+    legend = drawn.figure.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["base", "other", "deep"]
 
 
 def test_cli_compare_and_its_one_line_errors(runs, tmp_path, capsys):
@@ -219,7 +225,7 @@ def test_a_failing_save_leaves_no_directory(runs, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("vitspec.plots.save_figure", fail)
+    monkeypatch.setattr("pandas.DataFrame.to_csv", fail)
     with pytest.raises(OSError, match="disk full"):
         compare([runs["base"], runs["other"]], tmp_path / "half", metrics="erank")
     assert list(tmp_path.iterdir()) == []

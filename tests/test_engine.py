@@ -31,7 +31,7 @@ def images(n, seed):
 
 
 def consumers():
-    specs = list_metrics()
+    specs = [s for s in list_metrics() if s.default]
     tokens = Collector([s for s in specs if s.kind.startswith("token")], ("embed", "block"))
     attn = Collector([s for s in specs if s.kind.startswith("attn")])
     return tokens, attn
@@ -118,7 +118,7 @@ def test_a_metric_whose_site_the_model_lacks_is_not_scheduled(no_pattern_family)
 
 
 def test_session_errors_before_any_work():
-    with pytest.raises(VitspecError, match="batch_size"):
+    with pytest.raises(VitspecError, match="batch_size must be"):
         open_session(tiny(), inputs=Inputs(images(1, 0), batch_size=0), device="cpu")
     with pytest.raises(VitspecError, match="allowed: auto, cpu, cuda"):
         open_session(tiny(), device="tpu")

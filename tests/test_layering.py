@@ -21,6 +21,8 @@ PACKAGE = Path(__file__).parents[1] / "vitspec"
 STAGES = {
     "vitspec.errors": 0,
     "vitspec.sites": 0,
+    "vitspec.outputs": 0,
+    "vitspec.progress": 0,
     "vitspec.functional": 1,
     "vitspec.metrics": 2,
     "vitspec.adapters": 3,
@@ -30,9 +32,7 @@ STAGES = {
     "vitspec.inputs": 3,
     "vitspec.hf": 3,
     "vitspec.pipeline": 3,
-    "vitspec.progress": 3,
     "vitspec.capture": 4,
-    "vitspec.session": 5,
     "vitspec.engine": 5,
     "vitspec.collect": 6,
     "vitspec.verification.checks": 6,
@@ -42,23 +42,19 @@ STAGES = {
     "vitspec.verification.synthetic": 6,
     "vitspec.verification.tally": 6,
     "vitspec.results": 7,
-    "vitspec.outputs": 7,
     "vitspec.verification.result": 7,
     "vitspec.verification": 7,
     "vitspec.analysis": 7,
+    "vitspec.shards": 6,
+    "vitspec.merge": 7,
     "vitspec.comparison": 8,
-    "vitspec.report": 8,
+    "vitspec.reporting": 8,
     "vitspec.plots": 8,
     "vitspec.cli": 9,
     "vitspec.__main__": 9,
 }
 
 
-# result types that still draw their figures: issue 8 item 4 removes these (see the xfail below)
-DRAWING = {
-    ("vitspec.results", "vitspec.plots"),
-    ("vitspec.verification.result", "vitspec.plots.verify"),
-}
 
 
 def module_name(path: Path) -> str:
@@ -101,7 +97,7 @@ def test_every_module_has_a_stage_and_imports_only_leftwards():
         if name == "vitspec":
             continue
         for other in imports(name) - {"vitspec"}:  # the package itself: __version__ only
-            if stage(other) > stage(name) and (name, other) not in DRAWING:
+            if stage(other) > stage(name):
                 wrong.append(f"{name} -> {other}")
     assert wrong == [], wrong
 
@@ -116,7 +112,6 @@ def test_the_named_rules_hold_on_full_module_names():
             assert not banned & got, name
 
 
-@pytest.mark.xfail(strict=True, reason="figures leave the result types with issue 8 item 4")
 def test_result_types_never_import_the_plots():
     for name in ("vitspec.results", "vitspec.verification.result", "vitspec.comparison"):
         assert not any(m.startswith("vitspec.plots") for m in imports(name)), name

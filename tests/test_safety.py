@@ -331,7 +331,6 @@ def runs(tmp_path_factory):
             images=images,
             metrics="patch_cos_abs,hc_dc_ratio",
             out=dirs[name],
-            figures=False,
         )
     return dirs
 

@@ -301,16 +301,17 @@ def test_released_checkpoints_load_strictly_and_analyse(released, tmp_path):
     pre = m[m["metric"] == "pre_attn_hc_gain"]
     assert sorted(pre["layer"].unique()) == [1, 2, 3] and set(pre["head"]) == {-1, 0, 1}
     assert set(result.spectra["curve"]) == {"attn_spectrum", "pre_attn_spectrum"}
-    out = result.save(tmp_path / "run", figures=False)
+    out = result.save(tmp_path / "run")
     info = json.loads((out / "run.json").read_text())
     assert info["techniques"] == {"attnscale": True, "featscale": None}
     figures = run_figures(result)  # the plots take the pre_ rows: A' panels first, then pre_
-    titles = [ax.get_title() for ax in figures["attention"].axes if ax.get_visible()]
+    axes = [ax for ax in figures["attention_heads"].figure.axes if ax.get_visible()]
+    titles = [ax.get_title() for ax in axes]
     assert set(titles[:4]) == attn_names
     assert titles[4:] == [f"pre_{t}" for t in titles[:4]]
-    assert "pre_attn_spectrum (attn, head mean)" in [
-        ax.get_title() for ax in figures["spectra"].axes
-    ]
+    spectrum = figures["attn_spectrum"].figure
+    assert sum("pre-scale A" in ax.get_ylabel() for ax in spectrum.axes) == 1
+    assert "pre-scale" in figures["attn_spectrum"].caption
 
 
 @pytest.mark.parametrize(

@@ -150,6 +150,7 @@ def test_registry_order_and_kinds():
         "attn_cos",
         "attn_spectrum",
         "token_spectrum",
+        "cls_dist_cos",
     ]
     assert [m.name for m in list_metrics(kind="token_curve")] == ["dlogamp", "token_spectrum"]
     assert [m.name for m in list_metrics("*spectrum")] == ["attn_spectrum", "token_spectrum"]

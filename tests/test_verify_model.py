@@ -13,6 +13,7 @@ from torch import nn
 import vitspec
 from vitspec import analyze
 from vitspec.inputs import synthetic_batches
+from vitspec.reporting import draw
 from vitspec.verification import CHECKS, VERIFY_COLUMNS, VerifyResult, verify
 from vitspec.verification import checks as ck
 
@@ -83,10 +84,11 @@ def test_exact_s_a_agrees_with_analyze_attn_hc_gain(result):
         assert value == pytest.approx(m.loc[key], rel=1e-3)
 
 
-def test_results_round_trip_with_figures(result, tmp_path):
+def test_results_round_trip_and_figures_drawn_from_the_folder(result, tmp_path):
     out = result.save(tmp_path / "v")
+    assert {p.name for p in out.iterdir()} == {"verify.csv", "verify.json"}  # data only
+    draw(out)
     names = {p.name for p in out.iterdir()}
-    assert {"verify.csv", "verify.json"} <= names
     for stem in ("verify_lowpass", "verify_gain", "verify_msa"):
         assert f"{stem}.png" in names and f"{stem}.pdf" in names
     back = VerifyResult.load(out)

@@ -19,6 +19,7 @@ _API = {
     "Result": "vitspec.results",
     "VitspecError": "vitspec.errors",
     "list_metrics": "vitspec.metrics",
+    "report": "vitspec.reporting",
     "verify": "vitspec.verification",
     "VerifyResult": "vitspec.verification",
 }

@@ -17,23 +17,30 @@ from vitspec.engine import (
     available_sites,
     check_request,
     open_session,
-    resolve_device,
     run,
     stderr_warn,
 )
 from vitspec.errors import VitspecError, option
+from vitspec.merge import distributed_device, gather_ranks
 from vitspec.metrics import MetricSpec, list_metrics
 from vitspec.outputs import OutputDir
 from vitspec.results import METRIC_COLUMNS, SPECTRA_COLUMNS, Result, moments_frame, validate
 from vitspec.scaling import techniques
+from vitspec.shards import ShardBatches, distributed_shard, parse_shard, plain_state
 from vitspec.sites import Unavailable
 
 
 def select_metrics(patterns: str | Sequence[str] | None) -> list[MetricSpec]:
-    """Metrics whose names match any of the comma-separated fnmatch patterns (default: all)."""
+    """Metrics whose names match any of the comma-separated fnmatch patterns (default: every
+    metric of the contract; ``cls_dist_cos`` is measured when asked for).
+
+    Example:
+        >>> [s.name for s in select_metrics("hc_*")]
+        ['hc_dc_ratio', 'hc_energy']
+    """
     specs = list_metrics()
     if patterns is None:
-        return specs
+        return [s for s in specs if s.default]
     if isinstance(patterns, str):
         patterns = [p.strip() for p in patterns.split(",") if p.strip()]
     chosen = [s for s in specs if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
@@ -73,7 +80,7 @@ def analyze(
     pipeline: bool = True,
     out: str | Path | None = None,
     overwrite: bool = False,
-    figures: bool = True,
+    shard: str | tuple[int, int] | None = None,
 ) -> Result:
     """Capture every block's tokens and attention on a set of images and reduce them to metrics.
 
@@ -81,8 +88,7 @@ def analyze(
     image read: a mistake costs a second, not a model load.
 
     Args:
-        model: a timm model name or alias (``deit_small``), ``hf:FOLDER`` (a local Hugging Face
-            model folder), or an ``nn.Module`` used as is (timm, or transformers ViT/DeiT/DINOv2).
+        model: a timm model name or alias (``deit_small``), or an ``nn.Module`` used as is.
         ckpt: local checkpoint file (state dict, ``{'model': sd}``, safetensors, ...).
         random_init: analyse randomly initialised weights (seeded by ``seed``).
         ema: load ``model_ema`` from a training checkpoint instead of ``model``.
@@ -116,10 +122,15 @@ def analyze(
             the file); refused otherwise, naming the type it holds.
         pipeline: on CPU, compute the metrics on two worker threads (token sites, attention)
             that overlap the forward pass (same results; ``False`` runs them in the hooks).
-        out: also write the run folder there (as :meth:`Result.save`), claimed before the
-            work: an unwritable or occupied location fails at once, not after the analysis.
+        out: also write the run folder there (as :meth:`Result.save`; ``vitspec.report(out)``
+            draws its figures), claimed before the work: an unwritable or occupied location
+            fails at once, not after the analysis.
         overwrite: replace a previous vitspec output at ``out`` (never anything else).
-        figures: with ``out``, also draw the figures.
+        shard: ``"K/N"``: analyse only part K of N of the batches (batch b when b mod N = K;
+            :mod:`vitspec.shards`) and keep the mergeable state (``Result.state``, written as
+            state.pt). Under ``torchrun`` each rank is a shard by itself: the states are
+            gathered once and rank 0 returns (and writes to ``out``) the merged run, the other
+            ranks their own part.
 
     Returns:
         A ``Result`` with ``.metrics`` and ``.spectra`` DataFrames and ``.info`` provenance.
@@ -132,7 +143,6 @@ def analyze(
     warn = warn or stderr_warn
     sites = check_sites(sites)
     specs = select_metrics(metrics)
-    dev = resolve_device(device)
     weights = Weights(
         ckpt,
         random_init,
@@ -140,42 +150,61 @@ def analyze(
         ema,
         strict,
         model_kwargs,
-        img_size,
         featscale_form,
+        img_size,
         trust_checkpoint,
     )
     inputs = Inputs(images, num_images, batch_size, sample, sample_seed)
-    image_set = check_request(model, weights, inputs)
-    claim = OutputDir(out, overwrite=overwrite, protect=[images]) if out is not None else None
+    part = parse_shard(shard)
+    ranks = distributed_shard()
+    if ranks is not None:
+        if part is not None:
+            raise VitspecError("--shard cannot be combined with torchrun: each rank is a shard")
+        part = ranks
+        device = distributed_device(device, warn)
+    request = check_request(model, weights, inputs, device)
+    writes = out is not None and (ranks is None or ranks.index == 0)
+    claim = OutputDir(out, overwrite=overwrite, protect=[images]) if writes else None
     with claim or nullcontext() as tmp:
         session = open_session(
-            model,
-            weights=weights,
-            inputs=inputs,
-            device=dev,
-            warn=warn,
-            log=log,
-            image_set=image_set,
+            model, weights=weights, inputs=inputs, warn=warn, log=log, request=request
         )
+        if part is not None:
+            session.batches = ShardBatches(session.batches, part)
         result = _measure(
             session,
             specs,
             sites,
+            asked=metrics is not None,
             label=label,
             progress=progress,
             warn=warn,
             log=log,
             pipeline=pipeline,
         )
+        if ranks is not None:
+            result = gather_ranks(result)
         if tmp is not None:
-            result.write(tmp, figures=figures)
+            result.write(tmp)
     return result
 
 
-def _measure(session, specs, sites, *, label, progress, warn, log, pipeline) -> Result:
-    """Schedule the metrics the model has sites for, run the two collectors, tabulate."""
+def _measure(
+    session,
+    specs: list[MetricSpec],
+    sites: tuple[str, ...],
+    *,
+    asked: bool,
+    label,
+    progress,
+    warn,
+    log,
+    pipeline,
+) -> Result:
+    """Run the two metric consumers over the session and tabulate."""
     adapter = session.adapter
     specs, not_scheduled = schedule(specs, available_sites(adapter), adapter.unavailable(), warn)
+    specs = _class_and_distillation(specs, session.net, not_scheduled, warn if asked else None)
 
     # Two consumers, token sites and attention maps: they share no state, so on CPU each runs on
     # its own worker lane beside the forward pass, keeping both cores busy.
@@ -213,7 +242,32 @@ def _measure(session, specs, sites, *, label, progress, warn, log, pipeline) -> 
         "dtype": "float32 forward, float64 metrics and accumulation",
         **session.timing(done.used, done.wall),
     }
-    return Result(metrics=table, spectra=spectra, info=info)
+    state = None
+    if isinstance(session.batches, ShardBatches):
+        info["shard"] = session.batches.describe()
+        if session.image_set is not None:  # every selected file was decoded; keep this part's
+            files = session.image_set.used
+            info["images"]["files"] = [files[i] for i in session.batches.image_indices]
+        state = {"tokens": plain_state(tokens.state()), "attn": plain_state(attn.state())}
+    return Result(metrics=table, spectra=spectra, info=info, state=state)
+
+
+def _class_and_distillation(specs, net, unavailable: Unavailable, warn) -> list[MetricSpec]:
+    """Drop the metrics defined only for a class and a distillation token (``cls_dist_cos``)
+    when the model has no distillation token; the reason goes to ``unavailable`` (and to
+    ``warn`` when given: the metric was asked for by name)."""
+    if getattr(net, "dist_token", None) is not None:
+        return specs
+    why = (
+        "defined for 2 prefix tokens, a class and a distillation token (distilled DeiT); this "
+        f"model has {getattr(net, 'num_prefix_tokens', 0)} and no distillation token"
+    )
+    gone = Unavailable(warn)
+    for spec in specs:
+        if "class_and_distillation" in spec.needs:
+            gone.add(spec.name, why)
+    unavailable.update(gone)
+    return [s for s in specs if s.name not in gone]
 
 
 def schedule(

@@ -7,6 +7,7 @@ does not grow with depth. Hooks are removed and the adapter's switches restored 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -59,25 +60,33 @@ def capture(adapter: Adapter, sites: Iterable[str], emit: Emit) -> Iterator[None
     unknown = wanted - set(SITES)
     if unknown:
         raise VitspecError(f"unknown site {sorted(unknown)[0]!r}; allowed: {', '.join(SITES)}")
-    batch = {"size": 0}
-    held: dict[int, Tensor] = {}  # values of `plus` taps, until their partner fires
+    state = _PerThread()  # several threads may run the model at once (engine's data-parallel run)
     handles = []
     with adapter.prepare(wanted):
         try:
             handles.append(
                 adapter.model.register_forward_pre_hook(
-                    lambda _m, args, kwargs: batch.update(size=_first(args, kwargs).shape[0]),
+                    lambda _m, args, kwargs: setattr(state, "size", _first(args, kwargs).shape[0]),
                     with_kwargs=True,
                 )
             )
             for (site, layer), tap in adapter.taps().items():
                 if site in wanted:
-                    handles += _hooks(tap, lambda x, s=site, n=layer: emit(s, n, x), batch, held)
+                    handles += _hooks(tap, lambda x, s=site, n=layer: emit(s, n, x), state)
             yield
         finally:
             for handle in handles:
                 handle.remove()
-            held.clear()
+            state.held.clear()
+
+
+class _PerThread(threading.local):
+    """Per-thread capture state: the batch size and the values of ``plus`` taps until their
+    partner fires."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.held: dict[int, Tensor] = {}
 
 
 def _first(args: tuple, kwargs: dict):
@@ -85,21 +94,21 @@ def _first(args: tuple, kwargs: dict):
     return args[0] if args else next(iter(kwargs.values()))
 
 
-def _hooks(tap: Tap, out: Callable[[Tensor], None], batch: dict, held: dict) -> list:
+def _hooks(tap: Tap, out: Callable[[Tensor], None], state: _PerThread) -> list:
     """Hooks calling ``out(value)`` for ``tap`` (plus its ``plus`` partner's value)."""
     handles = []
 
     def value_of(t: Tap, raw) -> Tensor:
-        return raw if t.transform is None else t.transform(raw, batch["size"])
+        return raw if t.transform is None else t.transform(raw, state.size)
 
     if tap.plus is not None:
         key = id(tap)
 
         def keep(raw) -> None:
-            held[key] = value_of(tap.plus, raw)
+            state.held[key] = value_of(tap.plus, raw)
 
         def fire(raw) -> None:
-            out(held.pop(key) + value_of(tap, raw))
+            out(state.held.pop(key) + value_of(tap, raw))
 
         handles.append(_hook(tap.plus, keep))
     else:

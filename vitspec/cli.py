@@ -4,41 +4,126 @@ from __future__ import annotations
 
 import argparse
 import ast
+import glob
+import json
+import os
 import re
 import sys
 from pathlib import Path
 
 from vitspec.errors import VitspecError, cli_names
-from vitspec.outputs import OutputDir, check_out_dir
+from vitspec.outputs import OutputDir, seal
+
+INDEX = "index.json"  # the run folders of a several-checkpoint analyze
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    ckpts = _checkpoints(args.ckpt)
+    if len(ckpts) > 1:
+        return _analyze_many(args, ckpts)
+    args.ckpt = ckpts[0] if ckpts else None
     label = args.label or _label(args)
     name = Path(args.model[3:]).name if args.model.startswith("hf:") else args.model
     out = Path(args.out or f"runs/{name}-{label}")
     _check_paths(args)
+    from vitspec.shards import distributed_shard, parse_shard
+
+    shard = parse_shard(args.shard)  # a bad K/N fails before the model is built
+    rank = distributed_shard()
+    if rank is not None and rank.index != 0:  # torchrun: rank 0 writes the merged run
+        from vitspec.analysis import analyze
+
+        analyze(args.model, **_analyze_options(args, label), **_messages(args, quiet=True))
+        return 0
     # the output location is claimed (its temporary sibling created) before torch is imported
     with OutputDir(out, overwrite=args.overwrite, protect=[args.images]) as tmp:
         from vitspec.analysis import analyze
 
-        result = analyze(
-            args.model,
-            **_weights(args),
-            **_inputs(args),
-            sites=[s.strip() for s in args.sites.split(",") if s.strip()],
-            metrics=args.metrics,
-            device=args.device,
-            label=label,
-            featscale_form=args.featscale_form,
-            **_messages(args),
-        )
-        result.write(tmp, figures=not args.no_figures)
+        result = analyze(args.model, **_analyze_options(args, label), **_messages(args))
+        result.write(tmp)
+        _draw(tmp, args)
     info = result.info
+    part = f" (shard {shard}, state.pt for vitspec merge)" if shard else ""
     _say(
         args,
         f"{info['images']['used']} images, {info['images_per_s']} img/s on {info['device']}"
         f" -> {out}/ (metrics.csv, spectra.csv, run.json"
-        f"{', figures' if not args.no_figures else ''})",
+        f"{', figures' if not args.no_figures else ''}){part}",
+    )
+    return 0
+
+
+def _analyze_options(args: argparse.Namespace, label: str) -> dict:
+    return dict(
+        **_weights(args),
+        **_inputs(args),
+        sites=[s.strip() for s in args.sites.split(",") if s.strip()],
+        metrics=args.metrics,
+        device=args.device,
+        label=label,
+        featscale_form=args.featscale_form,
+        shard=args.shard,
+    )
+
+
+def _checkpoints(values: list[str] | str | None) -> list[str]:
+    """``--ckpt`` values with shell-style patterns expanded (sorted), in the order given."""
+    if values is None:
+        return []
+    out: list[str] = []
+    for value in [values] if isinstance(values, str) else values:
+        if glob.has_magic(value):
+            found = sorted(glob.glob(os.path.expanduser(value)))
+            if not found:
+                raise VitspecError(f"--ckpt {value!r} matches no file")
+            out += found
+        else:
+            out.append(value)
+    return out
+
+
+def _analyze_many(args: argparse.Namespace, ckpts: list[str]) -> int:
+    """One run folder per checkpoint (named by its file stem) under --out, plus index.json."""
+    stems = [Path(c).stem for c in ckpts]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:
+        raise VitspecError(f"--ckpt files share the stem {twice[0]!r}: run folders are named by it")
+    if args.label or args.shard:
+        raise VitspecError("--label and --shard take one --ckpt (each run is labelled by its stem)")
+    name = Path(args.model[3:]).name if args.model.startswith("hf:") else args.model
+    out = Path(args.out or f"runs/{name}-checkpoints")
+    for ckpt in ckpts:
+        args.ckpt = ckpt
+        _check_paths(args)
+    with OutputDir(out, overwrite=args.overwrite, protect=[args.images, *ckpts]) as tmp:
+        from vitspec.analysis import analyze
+
+        runs = []
+        for ckpt, stem in zip(ckpts, stems):
+            args.ckpt = ckpt
+            result = analyze(args.model, **_analyze_options(args, stem), **_messages(args))
+            (tmp / stem).mkdir()
+            result.write(tmp / stem)
+            _draw(tmp / stem, args)
+            seal(tmp / stem)
+            runs.append({"folder": stem, "run": result.info["run"], "checkpoint": ckpt})
+            _say(args, f"{ckpt}: {result.info['images']['used']} images -> {out / stem}/")
+        index = {"kind": "vitspec checkpoints", "model": args.model, "runs": runs}
+        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    _say(args, f"{len(ckpts)} checkpoints -> {out}/ ({INDEX} lists the run folders)")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    with OutputDir(args.out, overwrite=args.overwrite, protect=args.shard_dirs) as tmp:
+        from vitspec.merge import merge_runs
+
+        result = merge_runs(args.shard_dirs)
+        result.write(tmp)
+        _draw(tmp, args)
+    _say(
+        args,
+        f"{len(args.shard_dirs)} shards, {result.info['images']['used']} images -> {args.out}/",
     )
     return 0
 
@@ -81,29 +166,31 @@ def _inputs(args: argparse.Namespace) -> dict:
     )
 
 
-def _messages(args: argparse.Namespace) -> dict:
+def _messages(args: argparse.Namespace, quiet: bool = False) -> dict:
     """Progress, notes and warnings on stderr; ``--quiet`` keeps only errors."""
+    quiet = quiet or args.quiet
     return dict(
-        progress=not args.quiet,
-        log=None if args.quiet else lambda line: print(f"vitspec: {line}", file=sys.stderr),
-        warn=(lambda _line: None) if args.quiet else None,
+        progress=not quiet,
+        log=None if quiet else lambda line: print(f"vitspec: {line}", file=sys.stderr),
+        warn=(lambda _line: None) if quiet else None,
     )
 
 
 def _compare(args: argparse.Namespace) -> int:
-    check_out_dir(args.out, args.overwrite, protect=args.run_dirs)
-    from vitspec.comparison import compare
+    with OutputDir(args.out, overwrite=args.overwrite, protect=args.run_dirs) as tmp:
+        from vitspec.comparison import compare
 
-    result = compare(
-        args.run_dirs,
-        args.out,
-        metrics=args.metrics,
-        site=args.site,
-        x=args.x,
-        labels=args.labels,
-        overwrite=args.overwrite,
-        allow_different_images=args.allow_different_images,
-    )
+        result = compare(
+            args.run_dirs,
+            None,
+            metrics=args.metrics,
+            site=args.site,
+            x=args.x,
+            labels=args.labels,
+            allow_different_images=args.allow_different_images,
+        )
+        result.write(tmp)
+        _draw(tmp, args)
     if result.info["images_differ"]:
         _say(args, f"the runs used different images: {result.info['images_differ']}")
     for name, have in result.info["not_in_every_run"].items():
@@ -111,8 +198,28 @@ def _compare(args: argparse.Namespace) -> int:
     _say(
         args,
         f"{len(result.labels)} runs, {len(result.metrics)} metrics, x = {result.info['x']}"
-        f" -> {args.out}/ (compare.png, compare.pdf, differences.csv, compare.json)",
+        f" -> {args.out}/ (compare.png, compare.pdf, table.csv, differences.csv, compare.json)",
     )
+    return 0
+
+
+def _draw(folder: Path, args: argparse.Namespace) -> None:
+    """Figures from the tables just written into the (temporary) output folder."""
+    if getattr(args, "no_figures", False):
+        return
+    from vitspec.reporting import draw
+
+    draw(folder)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from vitspec.reporting import report
+
+    page = report(
+        args.folders, args.out, size=args.size, band=args.band, overwrite=args.overwrite
+    )
+    figures = len(list(page.parent.rglob("*.png")))
+    _say(args, f"{len(args.folders)} folders -> {page} ({figures} figures, PNG + PDF)")
     return 0
 
 
@@ -170,7 +277,8 @@ def _verify(args: argparse.Namespace) -> int:
             threads=args.threads,
             **_messages(args),
         )
-        result.write(tmp, figures=not args.no_figures)
+        result.write(tmp)
+        _draw(tmp, args)
     for line in result.summary_lines(None if not args.quiet else "fail"):
         print(f"vitspec: {line}", file=sys.stderr)
     failed = result.info["summary"]["failed_checks"]
@@ -222,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         "deit_small_distilled, vit_tiny, vit_small, vit_base), or hf:FOLDER for a local "
         "Hugging Face transformers model (needs vitspec[hf])",
     )
-    _add_weights(p)
+    _add_weights(p, many=True)
     p.add_argument(
         "--featscale-form",
         choices=("doubled", "single"),
@@ -241,12 +349,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATTERNS",
         help="comma-separated metric name patterns, e.g. 'hc_*,attn_entropy' (default: all)",
     )
-    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<model>-<label>)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="run directory (default: runs/<model>-<label>); with several --ckpt, the folder "
+        "of their run folders (default runs/<model>-checkpoints)",
+    )
     p.add_argument("--label", help="run label (default: checkpoint file stem or random-init)")
+    p.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="analyse part K of N (batches b with b mod N = K) and save state.pt for "
+        "'vitspec merge'; under torchrun every rank is a shard by itself",
+    )
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.add_argument("--no-figures", action="store_true", help="write the tables only")
     _add_common(p)
     p.set_defaults(func=_analyze)
+
+    p = sub.add_parser(
+        "merge",
+        help="fold 'analyze --shard K/N' folders into one run folder",
+        description="Merge the shards of one analysis (every K of N, same model, weights, "
+        "options and images) into the run folder a one-process run writes.",
+    )
+    p.add_argument("shard_dirs", nargs="+", metavar="DIR", help="shard run folders")
+    p.add_argument("--out", required=True, metavar="DIR", help="the merged run folder")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    p.add_argument("--no-figures", action="store_true", help="write the tables only")
+    _add_common(p)
+    p.set_defaults(func=_merge)
 
     p = sub.add_parser(
         "compare",
@@ -332,8 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads",
         type=_positive,
-        default=1,
-        help="torch CPU threads (default 1: the checks are many small LAPACK calls)",
+        default=None,
+        help="CPU worker threads, one batch each (default: torch's setting, all cores)",
     )
     p.add_argument(
         "--out", metavar="DIR", help="output directory (default: runs/verify-<model>-<label>)"
@@ -344,6 +476,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_verify)
 
+    p = sub.add_parser(
+        "report",
+        help="figures and one self-contained HTML page from saved folders",
+        description="Draw the figures (PNG 200 dpi + PDF) of analyze runs, verify runs and "
+        "compare folders and write report.html (figures embedded, provenance, summary tables). "
+        "With one folder and no --out, the figures are drawn into that folder.",
+    )
+    p.add_argument(
+        "folders", nargs="+", metavar="DIR", help="analyze run, verify run or compare folders"
+    )
+    p.add_argument("--out", metavar="DIR", help="output folder (required with several folders)")
+    p.add_argument(
+        "--size",
+        choices=("column", "page"),
+        default="page",
+        help="figure width: column (3.5 in) or page (7.16 in) (default page)",
+    )
+    p.add_argument(
+        "--band",
+        choices=("sd", "se"),
+        default="sd",
+        help="band around the mean: sd over images or se of the mean (default sd)",
+    )
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    _add_common(p)
+    p.set_defaults(func=_report)
+
     p = sub.add_parser("metrics", help="list the metrics with their formulas and sources")
     p.add_argument("pattern", nargs="?", default="*", help="name pattern, e.g. 'attn_*'")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -351,12 +510,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_weights(p: argparse.ArgumentParser) -> None:
+def _add_weights(p: argparse.ArgumentParser, many: bool = False) -> None:
     g = p.add_argument_group("weights")
     w = g.add_mutually_exclusive_group()
-    w.add_argument(
-        "--ckpt", metavar="FILE", help="local checkpoint (.pth, .pt, .bin, .safetensors)"
-    )
+    if many:
+        w.add_argument(
+            "--ckpt",
+            nargs="+",
+            metavar="FILE",
+            help="local checkpoint(s) (.pth, .pt, .bin, .safetensors) or a quoted glob; "
+            "several: one run folder each under --out, plus index.json",
+        )
+    else:
+        w.add_argument(
+            "--ckpt", metavar="FILE", help="local checkpoint (.pth, .pt, .bin, .safetensors)"
+        )
     w.add_argument(
         "--random-init", action="store_true", help="random weights (every output says so)"
     )
@@ -466,6 +634,10 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit code (0 ok, 1 a finding or data problem, 2 a usage error)."""
+    # Before torch is imported: large CPU buffers (attention maps, ~45 MB per layer and image at
+    # N = 1370) on transparent huge pages; fresh 4 KiB pages cost more page faults than
+    # arithmetic there. PyTorch's own allocator switch; a user's setting wins.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -45,6 +45,7 @@ class Collector:
         sites: tuple[str, ...] = (),
         warn: Callable[[str], None] | None = None,
     ):
+        self._config = (specs, sites, warn)
         self.token_specs = [s for s in specs if s.kind.startswith("token")]
         self.attn_specs = [s for s in specs if s.kind.startswith("attn")]
         wanted = {CONTRACT_SITES[s] for s in sites} if self.token_specs else set()
@@ -79,6 +80,13 @@ class Collector:
         if where is not None and where[0] in SITE_ORDER:
             self._tokens(where[0], where[1], x)
 
+    def spawn(self) -> Collector:
+        """An empty collector with this one's metrics and sites, for another thread of the same
+        run: a reason either of them warns about is warned about once."""
+        twin = Collector(*self._config)
+        twin.unavailable._seen = self.unavailable._seen
+        return twin
+
     def state(self) -> dict:
         """Fixed-size state (moments, refusals) that :meth:`merge_state` folds together."""
         return {
@@ -96,6 +104,22 @@ class Collector:
         for kind, layers in other["refused"].items():
             self.refused[kind].update(layers)
         self.dropped.update(other["dropped"])
+        # a layer or metric refused on any part of the images is refused for the whole run
+        attn_names = {p + s.name for s in self.attn_specs for p in ("", PRE)}
+        self.moments = {
+            k: v
+            for k, v in self.moments.items()
+            if not (
+                k[0] == "attn"
+                and (
+                    (
+                        k[3] in attn_names
+                        and k[1] in self.refused[PRE if k[3].startswith(PRE) else ""]
+                    )
+                    or (k[1], k[3]) in self.dropped
+                )
+            )
+        }
         self.num_heads = max(self.num_heads, other["num_heads"])
         self.unavailable.update(other["unavailable"])
 

@@ -36,11 +36,12 @@ import numpy as np
 import pandas as pd
 
 from vitspec.errors import VitspecError, option
-from vitspec.outputs import OutputDir, atomic_dir
-from vitspec.results import Result
+from vitspec.outputs import OutputDir, atomic_dir, read_info
+from vitspec.results import Result, expand_runs
 
 TOKEN_SITES = ("embed", "mid", "block")
 X_AXES = ("layer", "depth")
+FILES = ("table.csv", "differences.csv", "compare.json")
 FIRST = "patch_cos_abs"  # the paper's cosine-similarity figure leads
 DIFF_COLUMNS = [
     "metric",
@@ -85,28 +86,35 @@ class ComparisonResult:
     def metrics(self) -> list[str]:
         return list(self.info["metrics"])
 
-    def figure(self):
-        """The overlay figure: one panel per metric, one line per run, mean +/- sd bands."""
-        from vitspec.plots.compare import compare_figure
-
-        return compare_figure(
-            self.table, self.metrics, x=self.info["x"], order=self.labels, title=_title(self.info)
-        )
-
     def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
-        """Write compare.png, compare.pdf, differences.csv and compare.json, all or nothing;
-        ``overwrite`` replaces only a previous vitspec output."""
+        """Write table.csv, differences.csv and compare.json, all or nothing (data only;
+        ``vitspec.report(out)`` draws the figure); ``overwrite`` replaces only a previous
+        vitspec output."""
         with atomic_dir(out, overwrite) as tmp:
             self.write(tmp)
         return Path(out)
 
     def write(self, folder: Path) -> None:
         """Write the comparison's files into an existing (temporary) folder."""
-        from vitspec.plots import save_figure
-
+        self.table.to_csv(folder / "table.csv", index=False, float_format="%.10g")
         self.differences.to_csv(folder / "differences.csv", index=False, float_format="%.10g")
         (folder / "compare.json").write_text(json.dumps(self.info, indent=2, default=str) + "\n")
-        save_figure(self.figure(), folder, "compare")
+
+    @classmethod
+    def load(cls, out: str | Path) -> ComparisonResult:
+        """Read a folder written by ``save``."""
+        out = Path(out)
+        missing = [f for f in FILES if not (out / f).is_file()]
+        if missing:
+            raise VitspecError(
+                f"{out} is not a vitspec compare folder (missing {', '.join(missing)})"
+            )
+        read = {"dtype": {"head": "Int64"}, "keep_default_na": False, "na_values": [""]}
+        return cls(
+            table=pd.read_csv(out / "table.csv", **read),
+            differences=pd.read_csv(out / "differences.csv", **read),
+            info=read_info(out / "compare.json"),
+        )
 
 
 def compare(
@@ -125,8 +133,8 @@ def compare(
     Args:
         run_dirs: two or more run directories written by ``vitspec analyze`` / ``Result.save``;
             the first is the reference of ``differences.csv``.
-        out: output directory (compare.png/.pdf, differences.csv, compare.json); ``None`` computes
-            without writing.
+        out: output directory (table.csv, differences.csv, compare.json; the CLI adds the
+            figure, ``vitspec.report(out)`` draws it); ``None`` computes without writing.
         metrics: metric names or fnmatch patterns (list or comma-separated string). Default: every
             token metric at ``site`` and every attention head-mean metric present in all runs,
             ``patch_cos_abs`` first.
@@ -141,13 +149,13 @@ def compare(
             and compare.json then say so.
 
     Returns:
-        A ``ComparisonResult`` (``.table``, ``.differences``, ``.info``, ``.figure()``).
+        A ``ComparisonResult`` (``.table``, ``.differences``, ``.info``).
 
     Example:
         >>> c = compare(["runs/base", "runs/attnscale"], "runs/cmp")  # doctest: +SKIP
         >>> c.differences.query("metric == 'patch_cos_abs'")  # doctest: +SKIP
     """
-    run_dirs = [Path(d) for d in run_dirs]
+    run_dirs = expand_runs(run_dirs)  # a several-checkpoint folder stands for its runs
     if len(run_dirs) < 2:
         raise VitspecError(f"compare needs at least 2 run directories, got {len(run_dirs)}")
     seen: dict[Path, Path] = {}
@@ -389,19 +397,6 @@ def _provenance(result: Result, run_dir: Path, label: str, depth: int) -> dict:
         "images_used": info.get("images", {}).get("used"),
         "vitspec": info.get("vitspec"),
     }
-
-
-def _title(info: dict) -> str:
-    labels = [run["label"] for run in info["runs"]]
-    random = [run["label"] for run in info["runs"] if run.get("random_init")]
-    used = sorted({run.get("images_used") for run in info["runs"]}, key=str)
-    warn = f" - RANDOM INIT: {', '.join(random)}" if random else ""
-    if info.get("images_differ"):
-        warn += " - DIFFERENT IMAGES"
-    return (
-        f"{' vs '.join(labels)} - site {info['site']}, mean +/- sd over "
-        f"{'/'.join(str(u) for u in used)} images{warn}"
-    )
 
 
 def _version() -> str:

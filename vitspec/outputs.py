@@ -85,8 +85,13 @@ def read_manifest(folder: str | Path) -> dict | None:
         >>> read_manifest(".") is None
         True
     """
+    found = _manifest(Path(folder))
+    return found[1] if found else None
+
+
+def _manifest(folder: Path) -> tuple[Path, dict] | None:
     for name in MANIFESTS:
-        path = Path(folder) / name
+        path = folder / name
         if not path.is_file():
             continue
         try:
@@ -94,7 +99,7 @@ def read_manifest(folder: str | Path) -> dict | None:
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and data.get("written_by") == WRITTEN_BY:
-            return data
+            return path, data
     return None
 
 
@@ -146,7 +151,7 @@ class OutputDir:
 
     def commit(self) -> Path:
         """Seal the manifest and move ``tmp`` into place (the old output is removed last)."""
-        _seal(self.tmp)
+        seal(self.tmp)
         old = None
         if self.out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}{_OLD_TAG}", dir=self.out.parent))
@@ -191,12 +196,34 @@ def atomic_dir(out: str | Path, overwrite: bool = False, protect: Iterable = ())
         yield tmp
 
 
+def read_info(path: str | Path) -> dict:
+    """A manifest file's content without the folder's own keys (``written_by``, ``files``): the
+    result's provenance as it was before saving."""
+    data = json.loads(Path(path).read_text())
+    return {k: v for k, v in data.items() if k not in ("written_by", "files")}
+
+
+def record_files(folder: str | Path, paths: Iterable) -> None:
+    """Add files vitspec just wrote into a folder it wrote before (``vitspec report RUN``
+    drawing a run's figures) to its manifest, so ``overwrite`` may replace them later. A folder
+    without a vitspec manifest (a temporary folder not yet sealed) is left alone."""
+    folder = Path(folder)
+    found = _manifest(folder)
+    if found is None:
+        return
+    path, data = found
+    names = {Path(p).relative_to(folder).parts[0] for p in paths}
+    data["files"] = sorted(set(data.get("files", [])) | names)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
 def _exit_on_signal(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def _seal(folder: Path) -> None:
-    """Mark the folder's manifest as vitspec's and list every entry it holds."""
+def seal(folder: Path) -> None:
+    """Mark the folder's manifest as vitspec's and list every entry it holds (``OutputDir``
+    seals its top folder; a command that writes run folders inside it seals each of them)."""
     for name in MANIFESTS:
         path = folder / name
         if path.is_file():

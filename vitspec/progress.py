@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 MODES = ("bar", "lines")
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from vitspec.errors import VitspecError
-from vitspec.outputs import atomic_dir
+from vitspec.outputs import atomic_dir, read_info
 
 METRIC_COLUMNS = [
     "run",
@@ -62,11 +62,14 @@ class Result:
         metrics: one row per (site, layer, head, metric); columns ``METRIC_COLUMNS``.
         spectra: one row per (site, layer, head, curve, freq); columns ``SPECTRA_COLUMNS``.
         info: the run.json content (versions, model, checkpoint, images, device, timing).
+        state: a shard's mergeable collector state (``--shard``), written as ``state.pt``
+            (see :mod:`vitspec.shards`); None for a whole run.
     """
 
     metrics: pd.DataFrame
     spectra: pd.DataFrame
     info: dict = field(default_factory=dict)
+    state: dict | None = None
 
     def metric(self, name: str, site: str | None = None, head: int | None = None) -> pd.DataFrame:
         """Rows of one metric, optionally one site and head.
@@ -84,26 +87,27 @@ class Result:
             df = df[df["head"] == head]
         return df.reset_index(drop=True)
 
-    def save(self, out: str | Path, *, overwrite: bool = False, figures: bool = True) -> Path:
-        """Write metrics.csv, spectra.csv, run.json (and figures) into ``out``, all or nothing.
+    def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
+        """Write metrics.csv, spectra.csv and run.json into ``out``, all or nothing.
 
         Everything is written to a temporary sibling directory that is renamed into place at the
         end, so an interrupted or failed save leaves no half-written run directory; ``overwrite``
-        replaces only a previous vitspec output (see :mod:`vitspec.outputs`).
+        replaces only a previous vitspec output (see :mod:`vitspec.outputs`). The folder holds
+        data only; ``vitspec.report(out)`` draws its figures from it.
         """
         with atomic_dir(out, overwrite) as tmp:
-            self.write(tmp, figures=figures)
+            self.write(tmp)
         return Path(out)
 
-    def write(self, folder: Path, *, figures: bool = True) -> None:
+    def write(self, folder: Path) -> None:
         """Write the run's files into an existing (temporary) folder."""
         self.metrics.to_csv(folder / "metrics.csv", index=False, float_format="%.10g")
         self.spectra.to_csv(folder / "spectra.csv", index=False, float_format="%.10g")
         (folder / "run.json").write_text(json.dumps(self.info, indent=2, default=str) + "\n")
-        if figures:
-            from vitspec.plots import save_run_figures
+        if self.state is not None:
+            from vitspec.shards import save_state
 
-            save_run_figures(self, folder)
+            save_state(folder, self.state)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Result:
@@ -121,7 +125,7 @@ class Result:
         spectra = pd.read_csv(
             run_dir / "spectra.csv", dtype=dtypes, keep_default_na=False, na_values=[""]
         )
-        info = json.loads((run_dir / "run.json").read_text())
+        info = read_info(run_dir / "run.json")
         return cls(metrics=metrics, spectra=spectra, info=info)
 
 
@@ -131,3 +135,21 @@ def moments_frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
     df["head"] = df["head"].astype("Int64")
     df["n"] = df["n"].astype(np.int64)
     return df
+
+
+def expand_runs(paths) -> list[Path]:
+    """Run folders, with a several-checkpoint folder (its ``index.json``, written by
+    ``vitspec analyze --ckpt A B ...``) replaced by its run folders in order.
+
+    Example:
+        >>> expand_runs(["runs/a"])
+        [PosixPath('runs/a')]
+    """
+    out: list[Path] = []
+    for path in map(Path, paths):
+        index = path / "index.json"
+        if index.is_file() and not (path / "run.json").is_file():
+            out += [path / run["folder"] for run in json.loads(index.read_text())["runs"]]
+        else:
+            out.append(path)
+    return out

@@ -19,10 +19,12 @@ from vitspec.functional.attention import (
     is_row_stochastic,
 )
 from vitspec.functional.linalg import (
+    top_singular_bracket,
     top_singular_value,
     top_singular_value_exact,
 )
 from vitspec.functional.tokens import (
+    cls_dist_cos,
     dlogamp,
     dlogamp_hf,
     erank,
@@ -34,7 +36,7 @@ from vitspec.functional.tokens import (
     rank_residual,
     token_spectrum,
 )
-from vitspec.functional.views import AttnView, TokenView, attn_view, token_view
+from vitspec.functional.views import AttnView, TokenView, attn_view, map_groups, token_view
 
 __all__ = [
     "AttnView",
@@ -45,6 +47,7 @@ __all__ = [
     "attn_hc_gain",
     "attn_spectrum",
     "attn_view",
+    "cls_dist_cos",
     "dlogamp",
     "dlogamp_hf",
     "double_centre",
@@ -54,11 +57,13 @@ __all__ = [
     "hc_energy",
     "hc_gain_exact",
     "is_row_stochastic",
+    "map_groups",
     "patch_cos",
     "patch_cos_abs",
     "rank_residual",
     "token_spectrum",
     "token_view",
+    "top_singular_bracket",
     "top_singular_value",
     "top_singular_value_exact",
 ]

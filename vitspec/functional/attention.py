@@ -18,7 +18,7 @@ from torch import Tensor
 
 from vitspec.errors import VitspecError
 from vitspec.functional.linalg import compute_dtype, top_singular_value, top_singular_value_exact
-from vitspec.functional.views import AttnView, _check_attn, attn_view
+from vitspec.functional.views import AttnView, _check_attn, attn_view, per_map
 
 __all__ = [
     "attn_cos",
@@ -71,9 +71,14 @@ def attn_entropy(attn: Attn, prev: Prev = None) -> Tensor:
         1.386294
     """
     a = attn_view(attn, prev).a
-    # 0 log 0 = 0: clamping a zero (underflowed) entry before the log keeps the product 0
-    row = -(a * a.clamp_min(torch.finfo(a.dtype).tiny).log()).sum(dim=-1)  # [B, H, N]
-    return row.to(torch.float64).mean(dim=-1)
+    tiny = torch.finfo(a.dtype).tiny
+
+    def rows(g: Tensor) -> Tensor:
+        # 0 log 0 = 0: a zero (underflowed) entry gets log(tiny), so its product stays 0; tiny
+        # is below every float32/float64 probability that changes when it is added
+        return -(g * (g + tiny).log_()).sum(dim=-1)
+
+    return per_map(rows, a).to(torch.float64).mean(dim=-1)
 
 
 def double_centre(attn: Tensor) -> Tensor:
@@ -97,9 +102,11 @@ def attn_hc_gain(attn: Attn, prev: Prev = None) -> Tensor:
 
     The worst-case factor by which the map scales the high-frequency part of its input:
     ``||HC[A Z]||_F <= attn_hc_gain * ||HC[Z]||_F``. 1 for the identity map, 0 for uniform
-    attention. Computed with Lanczos (:func:`~vitspec.functional.linalg.top_singular_value`,
-    relative residual tolerance 1e-3, so the relative error is at most 5e-4 and in practice
-    ~1e-7) with exact SVD fallback; :func:`hc_gain_exact` is the float64 SVD reference.
+    attention. Computed with Lanczos (:func:`~vitspec.functional.linalg.top_singular_value`)
+    whose steps are two matrix-vector products with A itself, ``O(N^2)`` per step (the centring
+    is applied to the vectors); relative residual tolerance 1e-3, so the relative error is at
+    most 5e-4 and in practice ~1e-7, with exact SVD fallback; :func:`hc_gain_exact` is the
+    float64 SVD reference.
 
     Args:
         attn: ``[B, H, N, N]`` attention (any real matrix; row-stochasticity is not assumed).
@@ -112,8 +119,7 @@ def attn_hc_gain(attn: Attn, prev: Prev = None) -> Tensor:
         >>> round(attn_hc_gain(torch.eye(30).expand(1, 2, 30, 30)).tolist()[0][0], 6)
         1.0
     """
-    # sigma_max((I - J) A (I - J)) = sigma_max(W (I - J) A (I - J)): W is orthonormal on 1-perp
-    return top_singular_value(attn_view(attn, prev).centred_dft, centre=True)
+    return top_singular_value(attn_view(attn, prev).a, centre=True)
 
 
 def hc_gain_exact(attn: Tensor) -> Tensor:
@@ -189,7 +195,8 @@ def attn_cross_layer_sim(attn: Attn, prev: Prev) -> Tensor:
             f"prev has shape {tuple(v.prev.a.shape)} but attn has shape {tuple(v.a.shape)}; "
             "attn_cross_layer_sim compares the same images and heads"
         )
-    dots = (v.a * v.prev.a.to(v.a.dtype)).sum(dim=-2)  # column dot products, [B, H, N]
+    # column dot products, [B, H, N]
+    dots = per_map(lambda x, y: (x * y).sum(dim=-2), v.a, v.prev.a.to(v.a.dtype))
     cos = dots * v.inv_column_norms * v.prev.inv_column_norms.to(v.a.dtype)
     return cos.to(torch.float64).mean(dim=-1)
 
@@ -198,9 +205,8 @@ def attn_spectrum(attn: Attn, prev: Prev = None) -> Tensor:
     """Norm of row k of ``S = F A F^H`` for k = 0..N-1 (F the unitary N-point DFT).
 
     ``F^H`` is unitary, so row k of S has the norm of row k of ``F A``: a DFT of every column
-    over the query axis, no second transform. For real A, row N-k of ``F A`` is the conjugate of
-    row k, so the real transform of :attr:`AttnView.centred_dft` (k = 1..N//2, shared with
-    ``attn_hc_gain``) gives all N values. ``S[0, 0] = 1`` and the k = 0 value is
+    over the query axis (FFTs, ``O(N^2 log N)`` per map, two real columns per complex
+    transform), no second transform. ``S[0, 0] = 1`` for row-stochastic A and the k = 0 value is
     ``sqrt(N) * ||column means||`` (1 for uniform attention, whose other values are 0).
 
     Args:
@@ -214,14 +220,21 @@ def attn_spectrum(attn: Attn, prev: Prev = None) -> Tensor:
         >>> [round(v, 12) for v in attn_spectrum(torch.full((1, 1, 4, 4), 0.25)).squeeze().tolist()]
         [1.0, 0.0, 0.0, 0.0]
     """
-    v = attn_view(attn, prev)
-    n = v.a.shape[-1]
-    half = (n - 1) // 2
-    row = v.centred_dft.square().sum(dim=-1).to(torch.float64)  # [B, H, N-1]
-    # k >= 1 of F A equals k >= 1 of F (I - J) A; W's cos and sin rows carry sqrt(2/N)
-    energy = (row[..., :half] + row[..., half : 2 * half]) / 2  # k = 1..half
-    if n % 2 == 0:
-        energy = torch.cat([energy, row[..., -1:]], dim=-1)  # Nyquist, k = n/2
-    dc = v.a.mean(dim=-2).to(torch.float64).square().sum(dim=-1, keepdim=True) * n
-    mirrored = energy[..., :half].flip(-1)  # k = n-half..n-1 mirror k = half..1
-    return torch.cat([dc, energy, mirrored], dim=-1).sqrt()
+    a = attn_view(attn, prev).a
+    n = a.shape[-1]
+    energy = per_map(_column_pair_energy, a).reshape(-1, n)  # groups: the FFT output is as big
+    # two real columns x, y as z = x + iy: |X_k|^2 + |Y_k|^2 = (|Z_k|^2 + |Z_(N-k)|^2) / 2
+    energy = (energy + energy.roll(-1, dims=-1).flip(-1)) / (2 * n)  # ||row k of F A||^2
+    return energy.clamp_min(0).sqrt().reshape(*a.shape[:-2], n)
+
+
+def _column_pair_energy(a: Tensor) -> Tensor:
+    """``sum_j |DFT(z_j)_k|^2`` over the complex columns ``z_j = a[:, 2j] + i a[:, 2j+1]``
+    (a zero column pads odd N), float64 ``[b, N]``: half the transforms of one real FFT per
+    column, and no strided copy for even N."""
+    b, n, _ = a.shape
+    if n % 2:
+        a = torch.cat([a, a.new_zeros(b, n, 1)], dim=-1)
+    z = torch.view_as_complex(a.reshape(b, n, -1, 2))
+    f = torch.fft.fft(z.mT, dim=-1)  # [b, pairs, N (k)]: transforms along contiguous memory
+    return f.abs().square().sum(dim=1).to(torch.float64)

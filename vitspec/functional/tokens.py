@@ -17,10 +17,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vitspec.errors import VitspecError
 from vitspec.functional.linalg import compute_dtype
 from vitspec.functional.views import TokenView, token_view
 
 __all__ = [
+    "cls_dist_cos",
     "dlogamp",
     "dlogamp_hf",
     "erank",
@@ -173,6 +175,7 @@ def feat_var(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
     ss = hc.square().sum(dim=1) - g * hc.mean(dim=1).square()
     return (ss / (g - 1)).mean(dim=-1)
 
+
 def dlogamp(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
     """Relative log amplitude of the patch grid's 2-D Fourier transform (Park & Kim 2022).
 
@@ -277,3 +280,32 @@ def token_spectrum(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Te
         energy = (z.real.square() + z.imag.square()).sum(dim=-1)
     energy[:, 0] = v.dc_energy
     return energy / v.energy[:, None]
+
+
+def cls_dist_cos(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
+    """``cos(x_cls, x_dist)``: cosine between the two prefix tokens (class, distillation) of a
+    distilled DeiT (Touvron et al. 2021: 0.06 at the input, 0.93 after the last layer).
+
+    Args:
+        tokens: ``[B, N, C]``, token 0 the class token, token 1 the distillation token.
+        num_prefix: must be 2 (the metric is defined only for class + distillation tokens).
+        grid: patch grid ``(h, w)``.
+
+    Returns:
+        ``[B]`` float64 (NaN when either token is zero).
+
+    Raises:
+        VitspecError: ``num_prefix`` is not 2.
+
+    Example:
+        >>> x = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]])
+        >>> round(cls_dist_cos(x, 2, (1, 1)).item(), 6)
+        0.707107
+    """
+    if num_prefix != 2:
+        raise VitspecError(
+            f"cls_dist_cos needs a class and a distillation token (num_prefix 2), got {num_prefix}"
+        )
+    x = token_view(tokens, num_prefix, grid).x
+    cls, dist = x[:, 0], x[:, 1]
+    return (cls * dist).sum(dim=-1) / (cls.norm(dim=-1) * dist.norm(dim=-1))

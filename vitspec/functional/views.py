@@ -3,13 +3,12 @@ share computed once, on first use (``functools.cached_property``).
 
 Every metric function accepts a raw tensor or a view; the Collector builds one view per site and
 layer and passes it to every selected metric, so e.g. the centred tokens, the unit patch vectors,
-the centred attention and its Gram matrix are formed once per batch, not once per metric.
+the compute-dtype maps and their column norms are formed once per batch, not once per metric.
 A view is plain, short-lived data: it holds the tensors of one batch and nothing else.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from functools import cached_property
 
@@ -19,9 +18,41 @@ from torch import Tensor
 from vitspec.errors import VitspecError
 from vitspec.functional.linalg import compute_dtype
 
-__all__ = ["AttnView", "TokenView", "attn_view", "token_view"]
+__all__ = ["AttnView", "TokenView", "attn_view", "map_groups", "per_map", "token_view"]
 
 _F64 = torch.float64
+# Elementwise work on attention maps runs over groups of maps of about this size (CPU): the
+# temporaries then stay in cache and come from the allocator's free lists, instead of page
+# faults on fresh full-size buffers (several times the arithmetic at N = 1370).
+_GROUP_BYTES = 4 << 20
+
+
+def map_groups(maps: Tensor) -> list[Tensor]:
+    """``maps`` ``[..., N, M]`` as consecutive groups ``[g, N, M]`` of about 4 MiB (one group
+    off the CPU).
+
+    Example:
+        >>> [g.shape[0] for g in map_groups(torch.zeros(3, 5, 400, 400))]
+        [6, 6, 3]
+    """
+    flat = maps.reshape(-1, *maps.shape[-2:])
+    if maps.device.type != "cpu" or flat.shape[0] == 0:
+        return [flat]
+    per = max(1, _GROUP_BYTES // max(1, maps.shape[-1] * maps.shape[-2] * maps.element_size()))
+    return list(flat.split(per))
+
+
+def per_map(fn, *maps: Tensor) -> Tensor:
+    """``fn`` applied to matching groups of ``maps`` (all ``[..., N, M]`` of one shape), its
+    ``[g, ...]`` results joined and shaped ``[..., ...]``.
+
+    Example:
+        >>> per_map(lambda a: a.sum(dim=-1), torch.ones(2, 3, 4, 4)).shape
+        torch.Size([2, 3, 4])
+    """
+    groups = zip(*(map_groups(m) for m in maps))
+    out = torch.cat([fn(*g) for g in groups])
+    return out.reshape(*maps[0].shape[:-2], *out.shape[1:])
 
 
 class TokenView:
@@ -142,12 +173,14 @@ class AttnView:
 
     @cached_property
     def nonnegative(self) -> bool:
-        return bool((self.a >= 0).all())  # False for NaN too
+        return all(bool(g.amin() >= 0) for g in map_groups(self.a))  # False for NaN too
 
     @cached_property
     def row_sums(self) -> Tensor:
-        """``A 1`` accumulated in float64, ``[B, H, N]``."""
-        return self.a.sum(dim=-1, dtype=_F64)
+        """``A 1``, ``[B, H, N]`` float64, summed in the compute dtype (a float32 sum of a
+        row of probabilities is within ~1e-6 of 1, far inside the 1e-4 row-stochastic test;
+        a float64 accumulation costs a converting pass over the maps)."""
+        return per_map(lambda g: g.sum(dim=-1), self.a).to(_F64)
 
     def rows_sum_to_one(self, atol: float = 1e-4) -> bool:
         """Every row sums to 1 within ``atol``."""
@@ -157,35 +190,8 @@ class AttnView:
     def inv_column_norms(self) -> Tensor:
         """``1 / ||A[:, t]||`` per key column (0 for a zero column), ``[B, H, N]``: the column
         scaling of the cosine metrics, applied to products instead of forming unit columns."""
-        norms = self.a.norm(dim=-2)
+        norms = per_map(lambda g: g.square().sum(dim=-2), self.a).sqrt()
         return torch.where(norms > 0, 1 / norms, torch.zeros_like(norms))
-
-    @cached_property
-    def centred_dft(self) -> Tensor:
-        """``W (I - J) A``: the centred maps in an orthonormal real DFT basis, ``[B, H, N-1, N]``.
-
-        ``W`` holds the rows ``sqrt(2/N) cos(2 pi k j / N)`` for ``k = 1..K``, then the matching
-        ``sin`` rows, then (even N) the Nyquist row ``(-1)^j / sqrt(N)``, ``K = (N - 1) // 2``.
-        With the DC row ``1 / sqrt(N)`` they form an orthonormal basis, and every column of
-        ``(I - J) A`` is orthogonal to the DC row, so this product keeps all the information of
-        ``(I - J) A`` and gives both the spectrum (row norms) and ``attn_hc_gain`` (its largest
-        singular value after centring the rows) from one matrix product. ``W 1 = 0``, so
-        ``W (I - J) A = W A``: no centring pass is needed.
-        """
-        return _real_dft(self.a.shape[-1], self.a.dtype, self.a.device) @ self.a
-
-
-@functools.lru_cache(maxsize=8)
-def _real_dft(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The ``(n - 1) x n`` orthonormal real DFT basis without its DC row (see ``centred_dft``)."""
-    half = (n - 1) // 2
-    k = torch.arange(1, half + 1, dtype=_F64)[:, None]
-    j = torch.arange(n, dtype=_F64)[None]
-    angle = 2 * math.pi * ((k * j) % n) / n  # exact reduction before the float64 cos/sin
-    rows = [angle.cos() * math.sqrt(2 / n), angle.sin() * math.sqrt(2 / n)]
-    if n % 2 == 0:
-        rows.append((-1.0) ** j / math.sqrt(n))
-    return torch.cat(rows).to(dtype=dtype, device=device)
 
 
 def token_view(tokens: Tensor | TokenView, num_prefix: int, grid: tuple[int, int]) -> TokenView:

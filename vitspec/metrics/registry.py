@@ -37,7 +37,7 @@ KINDS = ("token", "token_curve", "attn", "attn_curve")
 #: what a metric may need beyond its site: ``prev_layer`` (the previous layer's attention on the
 #: same tokens), ``nonnegative`` (attention without negative entries), ``square`` (an N x N
 #: pattern over one token set; non-square patterns get only the metrics without it).
-NEEDS = ("prev_layer", "nonnegative", "square")
+NEEDS = ("prev_layer", "nonnegative", "square", "class_and_distillation")
 
 #: the sites each kind reads (names of :mod:`vitspec.sites`)
 KIND_SITES = {
@@ -63,7 +63,10 @@ class MetricSpec:
         needs: among :data:`NEEDS`. AttnScale's ``A' = J + (1 + w)(A - J)`` keeps rows summing
             to 1 but has negative entries where ``w > 0`` and ``A_ij < w / ((1 + w) N)``, so
             ``attn_entropy`` needs ``nonnegative``; the other attention metrics are defined for
-            any real square matrix.
+            any real square matrix. ``class_and_distillation``: defined only for models whose
+            two prefix tokens are a class and a distillation token (distilled DeiT).
+        default: part of the default selection (``metrics=None``); the contract's metrics are,
+            ``cls_dist_cos`` is asked for by name.
     """
 
     name: str
@@ -73,6 +76,7 @@ class MetricSpec:
     source: str
     sites: tuple[str, ...] = ()
     needs: frozenset[str] = frozenset()
+    default: bool = True
 
     @property
     def needs_prev(self) -> bool:
@@ -96,6 +100,7 @@ def register_metric(
     *,
     sites: tuple[str, ...] | None = None,
     needs: tuple[str, ...] = (),
+    default: bool = True,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn`` under ``name``; returns ``fn`` unchanged.
 
@@ -103,6 +108,8 @@ def register_metric(
         name, kind, formula, source: see :class:`MetricSpec`.
         sites: the sites it reads (default: those of its kind, :data:`KIND_SITES`).
         needs: among :data:`NEEDS`.
+        default: measured when no metrics are named; False: only when asked for (by name or
+            pattern), like the added metrics that apply to one family only.
 
     Example:
         >>> @register_metric("my_norm", "token", "||X||_F", "doc example")
@@ -123,7 +130,9 @@ def register_metric(
         old = _REGISTRY.get(name)
         if old is not None and old.fn is not fn:
             raise VitspecError(f"metric {name!r} is already registered (by {old.fn.__module__})")
-        _REGISTRY[name] = MetricSpec(name, kind, fn, formula, source, sites, frozenset(needs))
+        _REGISTRY[name] = MetricSpec(
+            name, kind, fn, formula, source, sites, frozenset(needs), default
+        )
         return fn
 
     return decorator
@@ -295,3 +304,13 @@ _BUILTIN = [
 for _name, _kind, _formula, _source, _fn, _needs in _BUILTIN:
     register_metric(_name, _kind, _formula, _source, needs=_needs)(_fn)
 del _name, _kind, _formula, _source, _fn, _needs
+
+# Added metrics (docs/metrics.md, "Added metrics")
+register_metric(
+    "cls_dist_cos",
+    "token",
+    "cos(x_cls, x_dist), the class and distillation tokens (distilled DeiT only)",
+    "Touvron et al. 2021",
+    needs=("class_and_distillation",),
+    default=False,
+)(F.cls_dist_cos)

@@ -1,4 +1,4 @@
-"""Several runs overlaid: one metric against layer or normalised depth, a line per run."""
+"""The figure of a compare folder: one panel per compared metric, one line per run."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from vitspec.plots.figures import _grid
-
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-LINESTYLES = ("-", "--", "-.", ":")
-X_LABELS = {"layer": "layer", "depth": "normalised depth (layer / L)"}
+from vitspec.plots.figures import Drawn, _legend, fitted, title
+from vitspec.plots.labels import band_words, define, ylabel
+from vitspec.plots.layers import X_LABELS, plot_band
+from vitspec.plots.style import panels, run_series
 
 
 def plot_compare(
@@ -19,57 +18,33 @@ def plot_compare(
     *,
     x: str = "layer",
     order: list[str] | None = None,
-    band: bool = True,
-    ax: Axes | None = None,
+    band: str | None = "sd",
+    ax: Axes,
 ) -> Axes:
-    """Mean (+/- sd band over images) of one metric, a line per run, against ``x``.
+    """One metric of a comparison table, a line per run (same style per run in every panel).
 
     Args:
-        table: a comparison table (``ComparisonResult.table``): metrics.csv columns whose ``run``
-            column holds the run labels, one site (and for attention the head mean) per metric.
+        table: ``ComparisonResult.table`` (metrics.csv columns, ``run`` = run label).
         metric: metric name, e.g. ``"patch_cos_abs"``.
-        x: ``"layer"`` (block index) or ``"depth"`` (layer / L, for runs of different depths).
-        order: run labels in drawing order (default: order of appearance); colour, marker and
-            line style follow this order, so the same run looks the same in every panel.
-        band: shade mean +/- sd where a run has more than one image.
-        ax: axes to draw on (a new figure's axes by default).
+        x: ``"layer"`` or ``"depth"``.
+        order: run labels in drawing order (default: order of appearance).
+        band: ``"sd"``, ``"se"`` or None.
+        ax: axes to draw on.
 
     Example:
-        >>> ax = plot_compare(comparison.table, "patch_cos_abs", x="depth")  # doctest: +SKIP
+        >>> plot_compare(c.table, "patch_cos_abs", ax=ax)  # doctest: +SKIP
     """
-    ax = ax if ax is not None else Figure(figsize=(4, 3)).add_subplot()
     df = table[table["metric"] == metric]
     order = order if order is not None else list(dict.fromkeys(df["run"]))
     for i, label in enumerate(order):
-        group = df[df["run"] == label].sort_values("layer")
-        if group.empty:
-            continue
-        (line,) = ax.plot(
-            group[x],
-            group["mean"],
-            label=str(label),
-            color=f"C{i % 10}",
-            marker=MARKERS[i % len(MARKERS)],
-            ms=3.5,
-            ls=LINESTYLES[i % len(LINESTYLES)],
-            lw=1.5,
-        )
-        if band and group["n"].max() > 1 and group["std"].notna().all():
-            ax.fill_between(
-                group[x],
-                group["mean"] - group["std"],
-                group["mean"] + group["std"],
-                color=line.get_color(),
-                alpha=0.15,
-                lw=0,
-            )
-    where = (
-        "attn, head mean" if (df["site"] == "attn").any() else ", ".join(dict.fromkeys(df["site"]))
-    )
-    ax.set_title(f"{metric} ({where})", fontsize=10)
+        rows = df[df["run"] == label].sort_values("layer")
+        plot_band(ax, rows, x, band=band, label=str(label), ms=2.5, **run_series(i))
+    ax.set_title(metric)
+    if x == "layer":
+        ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel(X_LABELS.get(x, x))
-    ax.ticklabel_format(axis="y", useOffset=False)  # nearly constant metrics: no "1e-5+2.83"
-    ax.grid(alpha=0.3)
+    ax.set_ylabel(ylabel(metric))
+    ax.ticklabel_format(axis="y", useOffset=False)
     return ax
 
 
@@ -79,26 +54,48 @@ def compare_figure(
     *,
     x: str = "layer",
     order: list[str] | None = None,
-    title: str = "",
+    heading: str = "",
+    size: str = "page",
+    band: str | None = "sd",
 ) -> Figure:
-    """One panel per metric (``plot_compare``), one shared legend of the run labels below.
+    """One panel per metric (:func:`plot_compare`), one legend of the run labels below.
 
     Example:
-        >>> fig = compare_figure(comparison.table, ["patch_cos_abs"], x="layer")  # doctest: +SKIP
+        >>> fig = compare_figure(c.table, c.metrics, x="layer")  # doctest: +SKIP
     """
     order = order if order is not None else list(dict.fromkeys(table["run"]))
-    fig, axes = _grid(len(metrics), ncols=min(4, len(metrics)), size=(3.8, 3.0))
+    fig, axes = panels(size, len(metrics), aspect=0.72, extra=0.6)
     for ax, name in zip(axes, metrics):
-        plot_compare(table, name, x=x, order=order, ax=ax)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(
-        handles,
-        labels,
-        loc="outside lower center",
-        ncols=min(len(labels), 4),
-        fontsize=9,
-        frameon=False,
-    )
-    if title:
-        fig.suptitle(title, fontsize=11)
+        plot_compare(table, name, x=x, order=order, band=band, ax=ax)
+    _legend(fig, axes)
+    if heading:
+        title(fig, heading, size)
     return fig
+
+
+def compare_figures(
+    table: pd.DataFrame, info: dict, *, size: str = "page", band: str = "sd"
+) -> dict[str, Drawn]:
+    """``{"compare": Drawn}`` for a comparison (its table and compare.json content)."""
+    labels = [run["label"] for run in info["runs"]]
+    used = "/".join(str(run.get("images_used")) for run in info["runs"])
+    random = [run["label"] for run in info["runs"] if run.get("random_init")]
+    warn = f" - RANDOM INIT: {', '.join(random)}" if random else ""
+    if info.get("images_differ"):
+        warn += " - DIFFERENT IMAGES"
+    fig = compare_figure(
+        table,
+        list(info["metrics"]),
+        x=info["x"],
+        order=labels,
+        size=size,
+        band=band,
+        heading=f"{' vs '.join(labels)}, site {info['site']}{warn}",
+    )
+    caption = (
+        f"{' vs '.join(labels)} against {X_LABELS[info['x']]}: "
+        f"{'; '.join(define(m) for m in info['metrics'])}. Token metrics at site "
+        f"{info['site']}, attention metrics as the per-image mean over heads. "
+        f"{band_words(band, used)}."
+    )
+    return fitted({"compare": Drawn(fig, caption)})

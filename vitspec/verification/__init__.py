@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 import vitspec
+from vitspec.engine import Inputs, Weights, check_request, open_session, run, stderr_warn
 from vitspec.errors import VitspecError
 from vitspec.inputs import check_count
 from vitspec.outputs import OutputDir
-from vitspec.session import Inputs, Weights, check_request, resolve_device, stderr_warn
 from vitspec.verification.result import CHECKS, VERIFY_COLUMNS, VerifyResult, summarise, table
 
 __all__ = ["CHECKS", "VERIFY_COLUMNS", "VerifyResult", "check_usage", "verify"]
@@ -52,7 +52,7 @@ def verify(
     label: str | None = None,
     max_steps: int = 512,
     sizes: Sequence[int] | None = None,
-    threads: int | None = 1,
+    threads: int | None = None,
     progress: bool | str = False,
     warn: Callable[[str], None] | None = None,
     log: Callable[[str], None] | None = None,
@@ -62,7 +62,6 @@ def verify(
     trust_checkpoint: bool = False,
     out: str | Path | None = None,
     overwrite: bool = False,
-    figures: bool = True,
 ) -> VerifyResult:
     """Run every check of docs/verify.md on a model's attention (streamed over images), or on the
     synthetic suite (``synthetic=True``, no model).
@@ -80,12 +79,12 @@ def verify(
         max_steps: T, the most powers ``A^t`` lowpass_limit applies (it stops earlier once
             ``r_t < 1e-12``).
         sizes: token counts N of the synthetic suite (default 16, 64, 197, 577).
-        threads: torch CPU threads for the run (restored afterwards); None keeps the current
-            setting. The default 1 is deliberate: the checks are thousands of small float64
-            LAPACK calls (SVDs of N x N matrices, batched by looping), which intra-op threads
-            barely speed up and which slow down many-fold when the cores are shared.
+        threads: torch CPU threads for the run (restored afterwards); None (default) keeps the
+            current setting. On CPU the run is data-parallel: whole batches go to that many
+            worker threads of one core each (batch i to thread i mod threads, its test vectors
+            seeded by i), so the result does not depend on the thread count.
         progress, warn, log: as in ``analyze``.
-        out, overwrite, figures: also write the folder there (as :meth:`VerifyResult.save`),
+        out, overwrite: also write the folder there (as :meth:`VerifyResult.save`),
             claimed before the work; ``overwrite`` replaces only a previous vitspec output.
 
     Returns:
@@ -103,24 +102,11 @@ def verify(
         check_count(threads, "threads")
     request = None
     if not synthetic:  # every check before the model is built or an image read
-        weights = Weights(
-            ckpt,
-            random_init,
-            seed,
-            ema,
-            strict,
-            model_kwargs,
-            img_size,
-            featscale_form,
-            trust_checkpoint,
-        )
+        weights = Weights(ckpt, random_init, seed, ema, strict, model_kwargs, featscale_form,
+                          img_size, trust_checkpoint)
         inputs = Inputs(images, num_images, batch_size, sample, sample_seed)
-        request = dict(
-            weights=weights,
-            inputs=inputs,
-            device=resolve_device(device),
-            image_set=check_request(model, weights, inputs),
-        )
+        request = dict(weights=weights, inputs=inputs,
+                       request=check_request(model, weights, inputs, device))
     claim = OutputDir(out, overwrite=overwrite, protect=[images]) if out is not None else None
     start = time.perf_counter()
     saved = torch.get_num_threads()
@@ -131,19 +117,11 @@ def verify(
             if synthetic:
                 result = _synthetic(sizes, max_steps, seed, start)
             else:
-                result = _model(
-                    model,
-                    request,
-                    label=label,
-                    max_steps=max_steps,
-                    seed=seed,
-                    progress=progress,
-                    warn=warn or stderr_warn,
-                    log=log,
-                    start=start,
-                )
+                result = _model(model, request, label=label, max_steps=max_steps, seed=seed,
+                                progress=progress, warn=warn or stderr_warn, log=log,
+                                start=start)
             if tmp is not None:
-                result.write(tmp, figures=figures)
+                result.write(tmp)
         return result
     finally:
         torch.set_num_threads(saved)
@@ -156,32 +134,25 @@ def check_usage(model, *, synthetic: bool, sizes=None, ckpt=None, random_init=Fa
         >>> check_usage(None, synthetic=True, sizes=[16])
     """
     if synthetic and model is not None:
-        raise VitspecError(
-            "give a MODEL or --synthetic, not both (the synthetic suite needs no model)"
-        )
+        raise VitspecError("give a MODEL or --synthetic, not both (the synthetic suite needs no "
+                           "model)")
     if not synthetic and model is None:
         raise VitspecError("give a MODEL to verify, or --synthetic for the synthetic suite")
     if synthetic and (ckpt is not None or random_init):
-        raise VitspecError(
-            "--ckpt / --random-init need a MODEL; the synthetic suite has no weights"
-        )
+        raise VitspecError("--ckpt / --random-init need a MODEL; the synthetic suite has no "
+                           "weights")
     if sizes is not None:
         if not synthetic:
             raise VitspecError("--sizes applies to the synthetic suite only (use --synthetic)")
         bad = [s for s in sizes if isinstance(s, bool) or not isinstance(s, int) or s < 2]
         if bad or not len(sizes):
-            raise VitspecError(
-                f"synthetic sizes must be whole numbers >= 2, got {bad[0] if bad else 'none'}"
-            )
+            raise VitspecError(f"synthetic sizes must be whole numbers >= 2, got "
+                               f"{bad[0] if bad else 'none'}")
 
 
 def _versions() -> dict:
-    return {
-        "vitspec": vitspec.__version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-    }
+    return {"vitspec": vitspec.__version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
 
 
 def _synthetic(sizes, max_steps: int, seed: int, start: float) -> VerifyResult:
@@ -189,23 +160,16 @@ def _synthetic(sizes, max_steps: int, seed: int, start: float) -> VerifyResult:
 
     sizes = tuple(syn.SIZES if sizes is None else sizes)
     tallies, points = syn.run_synthetic(sizes, max_steps=max_steps, seed=seed)
-    frames = [
-        table(t, {"run": "synthetic", "model": f"synthetic-N{n}", "checkpoint": "none"}, {})
-        for n, t in tallies.items()
-    ]
+    frames = [table(t, {"run": "synthetic", "model": f"synthetic-N{n}", "checkpoint": "none"},
+                    {}) for n, t in tallies.items()]
     df = pd.concat(frames, ignore_index=True)
     info = {
         **_versions(),
         "run": "synthetic",
         "model": "synthetic",
-        "synthetic": {
-            "sizes": list(sizes),
-            "widths": list(syn.WIDTHS),
-            "families": list(syn.FAMILIES),
-            "samples": syn.SAMPLES,
-            "product_depth": syn.PRODUCT_DEPTH,
-            "product_paths": syn.PRODUCT_PATHS,
-        },
+        "synthetic": {"sizes": list(sizes), "widths": list(syn.WIDTHS),
+                      "families": list(syn.FAMILIES), "samples": syn.SAMPLES,
+                      "product_depth": syn.PRODUCT_DEPTH, "product_paths": syn.PRODUCT_PATHS},
         "seed": seed,
         "max_steps": max_steps,
         "tolerances": CHECKS,
@@ -218,21 +182,16 @@ def _synthetic(sizes, max_steps: int, seed: int, start: float) -> VerifyResult:
     return VerifyResult(df, info, {"synthetic": pd.DataFrame(points)})
 
 
-def _model(
-    model, request: dict, *, label, max_steps, seed, progress, warn, log, start
-) -> VerifyResult:
-    from vitspec.engine import open_session, run
+def _model(model, request: dict, *, label, max_steps, seed, progress, warn, log,
+           start) -> VerifyResult:
     from vitspec.verification.model import ModelVerifier
 
     session = open_session(model, **request, warn=warn, log=log)
     verifier = ModelVerifier(session.adapter, session.device, max_steps=max_steps, seed=seed)
-    # inline: the checks run on the calling thread with the ``threads`` the caller chose
-    done = run(session, [verifier], progress=progress, pipeline=False, warn=warn, log=log)
+    done = run(session, [verifier], progress=progress, warn=warn, log=log)
     if not verifier.tallies:
-        raise VitspecError(
-            f"no attention matrix was captured from {session.loaded.name}: "
-            "its blocks expose no square post-softmax attention"
-        )
+        raise VitspecError(f"no attention matrix was captured from {session.loaded.name}: "
+                           "its blocks expose no square post-softmax attention")
     ids = session.ids(label)
     df = table(verifier.tallies, ids, verifier.not_applicable())
     wall = time.perf_counter() - start
@@ -250,7 +209,7 @@ def _model(
         "consistency": {
             "attn_hc_gain_max_rel_diff": verifier.gain_diff,
             "note": "largest relative difference between analyze's attn_hc_gain (Lanczos, "
-            "float32) and the exact float64 s_a used by every bound here",
+                    "float32) and the exact float64 s_a used by every bound here",
         },
         "residual_rate": verifier.residual_note(),
         "dtype": "float32 forward, float64 checks",

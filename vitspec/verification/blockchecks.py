@@ -80,7 +80,7 @@ class BlockChecks:
         self.num_heads = 0
         self.n_tokens = 0
         self.batch = 0
-        self.gain_diff = 0.0  # max relative |attn_hc_gain - exact s_a|
+        self.gain_diff = 0.0  # max relative |attn_hc_gain - s_a| (s_a exact or bracketed)
         self.missing: dict[int, set] = {}
         self.naive: dict[int, list[int]] = {}  # layer -> [cases, rate > 1 + bound]
         self.curve_layers = sorted(
@@ -136,7 +136,10 @@ class BlockChecks:
             )
         w = self.weights[layer]
         a_hat = ck.renormalise(attn)
-        s_a = ck.hc_gain(a_hat)  # [B, H]
+        # certified bracket (exact below ck.BRACKET_MIN_N): checks passing with the lower end
+        # pass for the exact value too; the logit bound's inner inequality uses the upper end
+        big = a_hat.shape[-1] >= ck.BRACKET_MIN_N
+        s_a, s_hi = ck.hc_gain_bracket(a_hat, certify=False).unbind(-1)  # [B, H] each
         fast = attn_hc_gain(attn)
         self.gain_diff = max(
             self.gain_diff, float(((fast - s_a).abs() / s_a.clamp_min(1e-300)).max())
@@ -161,10 +164,18 @@ class BlockChecks:
         else:
             self._products(layer, a_hat, s_a, x, y)
 
-        outcome, norm, bound, a = ck.check_logit_bound(a_hat, s_a)
+        outcome, norm, bound, a = ck.check_logit_bound(a_hat, s_a, s_a_hi=s_hi)
+        if big and bool(outcome.violated.any()):  # the cheap upper end of s_a did not decide
+            s_a, s_hi = ck.hc_gain_bracket(a_hat).unbind(-1)
+            outcome, norm, bound, a = ck.check_logit_bound(a_hat, s_a, s_a_hi=s_hi)
         self._add_heads("logit_bound", layer, outcome)
-        for wv in ck.ATTNSCALE_W:
-            self._add_heads("attnscale_gain", layer, ck.check_attnscale_gain(a_hat, s_a, norm, wv))
+        weyl = ck.attnscale_weyl(a_hat).unbind(1) if big else [None] * len(ck.ATTNSCALE_W)
+        for wv, bound_w in zip(ck.ATTNSCALE_W, weyl):
+            self._add_heads(
+                "attnscale_gain",
+                layer,
+                ck.check_attnscale_gain(a_hat, s_a, norm, wv, weyl=bound_w),
+            )
         self._accumulate(
             "gains",
             layer,

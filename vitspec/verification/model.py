@@ -31,10 +31,16 @@ class ModelVerifier(BlockChecks):
     _PARTS = {RESID_PRE: "x", ATTN_IN: "input", ATTN_OUT: "output", PATTERN: "attn"}
 
     def start_batch(self, info=None) -> None:
+        # seeded by the run's batch index, so a batch gets the same test vectors on any thread
+        index = self.batch if info is None else info.index
         self._held.clear()
         self._paths = None
-        self._gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batch)
+        self._gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         self.batch += 1
+
+    def spawn(self) -> ModelVerifier:
+        """An empty verifier with this one's options, for another thread of the same run."""
+        return ModelVerifier(self.adapter, self.device, max_steps=self.max_steps, seed=self.seed)
 
     def on(self, site: str, layer: int, x: Tensor) -> None:
         if site == RESID_POST:
@@ -74,12 +80,14 @@ class ModelVerifier(BlockChecks):
         """Fold another verifier's :meth:`state` in (counts add, maxima take the larger)."""
         self.tallies.merge(other["tallies"])
         for key, value in other["sums"].items():
-            mine = self._slot(key, tuple(value.shape))
+            # a fresh tensor: the sums may be inference tensors of a worker thread
+            mine = self._slot(key, tuple(value.shape)).clone()
             part = tuple(map(slice, value.shape))
             if key.endswith("_max") or key == "heads":
                 mine[part] = torch.maximum(mine[part], value)
             else:
-                mine[part] += value
+                mine[part] = mine[part] + value
+            self._sums[key] = mine
         for layer, (cases, exceed) in other["naive"].items():
             mine = self.naive.setdefault(layer, [0, 0])
             mine[0], mine[1] = mine[0] + cases, mine[1] + exceed

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from vitspec.errors import VitspecError
-from vitspec.outputs import atomic_dir
+from vitspec.outputs import atomic_dir, read_info
 from vitspec.verification.checks import PREMISE_TOL, RECON_TOL, RTOL
 from vitspec.verification.tally import PREMISE, Tallies, Tally  # noqa: F401 (re-exported)
 
@@ -178,24 +178,21 @@ class VerifyResult:
             lines.append(line)
         return lines
 
-    def save(self, out: str | Path, *, overwrite: bool = False, figures: bool = True) -> Path:
-        """Write verify.csv, verify.json (and the figures, PNG + PDF) into ``out``, all or
-        nothing; ``overwrite`` replaces only a previous vitspec output."""
+    def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
+        """Write verify.csv and verify.json (with the figures' tables) into ``out``, all or
+        nothing; ``overwrite`` replaces only a previous vitspec output. ``vitspec.report(out)``
+        draws the figures from them."""
         with atomic_dir(out, overwrite) as tmp:
-            self.write(tmp, figures=figures)
+            self.write(tmp)
         return Path(out)
 
-    def write(self, folder: Path, *, figures: bool = True) -> None:
+    def write(self, folder: Path) -> None:
         """Write the verify files into an existing (temporary) folder."""
         self.table.to_csv(folder / "verify.csv", index=False, float_format="%.10g")
         info = {**self.info, "figure_data": {k: v.to_dict(orient="list")
                                              for k, v in self.figure_data.items()}}
         text = json.dumps(_jsonable(info), indent=2, default=str, allow_nan=False)
         (folder / "verify.json").write_text(text + "\n")
-        if figures:
-            from vitspec.plots.verify import save_verify_figures
-
-            save_verify_figures(self, folder)
 
     @classmethod
     def load(cls, out: str | Path) -> VerifyResult:
@@ -208,7 +205,7 @@ class VerifyResult:
         df = pd.read_csv(out / "verify.csv", dtype={"layer": "Int64", "head": "Int64"},
                          keep_default_na=False, na_values=[""])
         df["reason"] = df["reason"].astype(object).fillna("")
-        info = json.loads((out / "verify.json").read_text())
+        info = read_info(out / "verify.json")
         data = {k: pd.DataFrame(v) for k, v in info.pop("figure_data", {}).items()}
         return cls(table=df, info=info, figure_data=data)
 

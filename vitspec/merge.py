@@ -1,0 +1,220 @@
+"""Fold the shards of one analysis into the run one process would have written.
+
+``vitspec merge DIR... --out DIR`` reads shard folders (``analyze --shard K/N``);
+:func:`gather_ranks` does the same in memory under ``torchrun`` (the ranks' fixed-size states
+are gathered once, to rank 0). Shards of different models, checkpoints, options or image
+selections, overlapping shards and incomplete sets are refused with one line naming the
+difference.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from vitspec.collect import PRE, Collector, rows
+from vitspec.errors import VitspecError
+from vitspec.metrics import get_metric, list_metrics
+from vitspec.outputs import read_info
+from vitspec.results import METRIC_COLUMNS, SPECTRA_COLUMNS, Result, moments_frame, validate
+from vitspec.shards import collector_state, load_state
+
+__all__ = ["distributed_device", "gather_ranks", "merge_parts", "merge_runs"]
+
+# run.json fields every shard of one run shares (dotted paths)
+SAME = (
+    "vitspec",
+    "model",
+    "timm_name",
+    "checkpoint",
+    "weights.sha256",
+    "weights.seed",
+    "weights.loaded_key",
+    "random_init",
+    "family",
+    "depth",
+    "sites",
+    "metrics",
+    "grid",
+    "images.source",
+    "images.requested",
+    "images.sample",
+    "images.sample_seed",
+    "batch_size",
+    "shard.count",
+    "dtype",
+)
+
+
+def merge_runs(
+    run_dirs: Sequence[str | Path],
+    out: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+) -> Result:
+    """Merge shard folders into one run (written to ``out`` when given).
+
+    Example:
+        >>> merge_runs(["runs/s0", "runs/s1"], "runs/all")  # doctest: +SKIP
+    """
+    if len(run_dirs) < 1:
+        raise VitspecError("merge needs the shard folders (analyze --shard K/N outputs)")
+    parts = []
+    for folder in run_dirs:
+        path = Path(folder)
+        if not (path / "run.json").is_file():
+            raise VitspecError(f"{folder} is not a vitspec run folder (no run.json)")
+        info = read_info(path / "run.json")
+        info["_folder"] = str(path)
+        parts.append((info, load_state(path)))
+    result = merge_parts(parts)
+    if out is not None:
+        result.save(out, overwrite=overwrite)
+    return result
+
+
+def merge_parts(parts: Sequence[tuple[dict, dict]]) -> Result:
+    """``(run.json, state)`` of every shard -> the one-process :class:`Result`."""
+    infos = [info for info, _ in parts]
+    _check(infos)
+    order = sorted(range(len(parts)), key=lambda i: infos[i]["shard"]["index"])
+    first = infos[order[0]]
+    names = first["metrics"]
+    registered = {s.name: s for s in list_metrics()}
+    specs = [get_metric(n) for n in names if n in registered]
+    sites = tuple(first["sites"])
+    tokens = Collector([s for s in specs if s.kind.startswith("token")], sites)
+    attn = Collector([s for s in specs if s.kind.startswith("attn")], ())
+    for i in order:
+        state = parts[i][1]
+        tokens.merge_state(collector_state(state["tokens"]))
+        attn.merge_state(collector_state(state["attn"]))
+    kinds = {s.name: s.kind for s in specs}
+    for key in {**tokens.moments, **attn.moments}:
+        name = key[3].removeprefix(PRE) if key[3] not in registered else key[3]
+        kinds.setdefault(name, "attn")  # the adapters' per-head parameters (gpsa_gate)
+    ids = {"run": first["run"], "model": first["model"], "checkpoint": first["checkpoint"]}
+    metric_rows, spectra_rows = rows({**tokens.moments, **attn.moments}, kinds, first["depth"], ids)
+    table = moments_frame(metric_rows, METRIC_COLUMNS)
+    spectra = moments_frame(spectra_rows, SPECTRA_COLUMNS)
+    validate(table, spectra)
+    return Result(table, spectra, _merged_info([infos[i] for i in order], attn))
+
+
+def _get(info: dict, dotted: str):
+    for key in dotted.split("."):
+        if not isinstance(info, dict):
+            return None
+        info = info.get(key)
+    return info
+
+
+def _check(infos: list[dict]) -> None:
+    """Same run, every shard once, disjoint images."""
+    for info in infos:
+        if "shard" not in info:
+            where = info.get("_folder", "a run")
+            raise VitspecError(f"{where} is not a shard (it was not run with --shard K/N)")
+    first = infos[0]
+    for info in infos[1:]:
+        for key in SAME:
+            if _get(info, key) != _get(first, key):
+                raise VitspecError(
+                    f"shards differ in {key}: {_get(first, key)!r} "
+                    f"({first.get('_folder', 'shard ' + str(first['shard']['index']))}) vs "
+                    f"{_get(info, key)!r} ({info.get('_folder', info['shard']['index'])}); "
+                    "only shards of one run merge"
+                )
+    count = first["shard"]["count"]
+    seen: dict[int, str] = {}
+    images: set[int] = set()
+    for info in infos:
+        k = info["shard"]["index"]
+        where = info.get("_folder", f"rank {k}")
+        if k in seen:
+            raise VitspecError(f"shard {k}/{count} given twice ({seen[k]} and {where})")
+        seen[k] = where
+        mine = set(info["shard"]["images"])
+        if images & mine:
+            raise VitspecError(f"{where} overlaps another shard's images")
+        images |= mine
+    missing = sorted(set(range(count)) - set(seen))
+    if missing:
+        raise VitspecError(
+            f"shards {', '.join(f'{k}/{count}' for k in missing)} are missing; "
+            f"merge needs all {count}"
+        )
+
+
+def _merged_info(infos: list[dict], attn: Collector) -> dict:
+    """The first shard's run.json with the images, timing and refusals of all of them."""
+    info = {k: v for k, v in infos[0].items() if k not in ("shard", "_folder")}
+    files: dict[int, str] = {}
+    skipped = {}
+    for part in infos:
+        files.update(zip(part["shard"]["images"], part["images"]["files"]))
+        skipped.update({s["path"]: s for s in part["images"]["skipped"]})
+        for key in ("unavailable", "attention_metrics_refused"):
+            info[key] = {**part.get(key, {}), **info.get(key, {})}
+    used = sum(part["images"]["used"] for part in infos)
+    info["images"] = {
+        **info["images"],
+        "used": used,
+        "files": [files[i] for i in sorted(files)],
+        "skipped": list(skipped.values()),
+    }
+    info["attention_refused"] = {str(k): v for k, v in attn.refused[""].items()}
+    info["pre_attention_refused"] = {str(k): v for k, v in attn.refused[PRE].items()}
+    info["num_heads"] = attn.num_heads or info.get("num_heads")
+    wall = max(part["wall_time_s"] for part in infos)
+    info["wall_time_s"] = wall
+    info["images_per_s"] = round(used / wall, 3) if wall > 0 else None
+    info["shards"] = [
+        {
+            "index": part["shard"]["index"],
+            "count": part["shard"]["count"],
+            "folder": part.get("_folder"),
+            "images": part["images"]["used"],
+            "device": part.get("device"),
+            "wall_time_s": part.get("wall_time_s"),
+            "command": part.get("command"),
+        }
+        for part in infos
+    ]
+    return info
+
+
+# ---- torch.distributed --------------------------------------------------------------------
+def distributed_device(device: str, warn: Callable[[str], None] | None = None) -> str:
+    """The device of this rank: ``cuda:LOCAL_RANK`` when CUDA is asked for (or ``auto`` finds
+    it), else ``cpu``."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    wants_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return f"cuda:{local}" if wants_cuda else "cpu"
+
+
+def gather_ranks(result: Result) -> Result:
+    """Under torchrun: every rank's (run.json, state) to rank 0, once (gloo on CPU, NCCL
+    object collectives on CUDA); rank 0 gets the merged run, the others their own part."""
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    if owned:
+        dev = result.info.get("device", "cpu")
+        dist.init_process_group("nccl" if str(dev).startswith("cuda") else "gloo")
+    try:
+        rank = dist.get_rank()
+        objects = [None] * dist.get_world_size() if rank == 0 else None
+        dist.gather_object((result.info, result.state), objects, dst=0)
+    finally:
+        if owned:
+            dist.destroy_process_group()
+    if rank != 0:
+        return result
+    merged = merge_parts(objects)
+    backend = "nccl" if str(result.info.get("device", "cpu")).startswith("cuda") else "gloo"
+    merged.info["distributed"] = {"world_size": len(objects), "backend": backend}
+    return merged

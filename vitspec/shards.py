@@ -1,0 +1,173 @@
+"""Shards of one analysis and their merge: ``--shard K/N``, ``vitspec merge`` and torchrun.
+
+The parts are whole batches: the images are selected (``--num-images``, ``--sample``), skipped
+when unreadable and batched exactly as in one process, and batch ``b`` (b = 0, 1, ...) belongs
+to shard ``b mod N``. Every batch is therefore measured exactly as in a one-process run (same
+images in the same forward pass), the parts are disjoint and nothing is padded or repeated;
+the last shards may hold one batch fewer. A shard saves the collectors' fixed-size state
+(:data:`STATE_FILE`, float64 moments) beside its tables; :func:`merge_runs` folds the shards'
+states with Chan's parallel update and writes the run folder a one-process run would have
+written (means equal to ~1e-15 relative, the same n).
+
+Every shard decodes every selected file (unreadable ones change the batch boundaries), but only
+its own batches go through the model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vitspec.errors import VitspecError
+from vitspec.metrics import Moments
+
+__all__ = ["STATE_FILE", "Shard", "ShardBatches", "distributed_shard", "parse_shard"]
+
+STATE_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Part ``index`` of ``count`` (0-based): the batches ``b`` with ``b % count == index``.
+
+    Example:
+        >>> str(Shard(1, 4)), Shard(1, 4).owns(5)
+        ('1/4', True)
+    """
+
+    index: int
+    count: int
+
+    def owns(self, batch: int) -> bool:
+        return batch % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def parse_shard(value: str | Shard | tuple[int, int] | None) -> Shard | None:
+    """``"K/N"`` (or ``(K, N)``) as a :class:`Shard`; None stays None.
+
+    Example:
+        >>> parse_shard("0/2")
+        Shard(index=0, count=2)
+    """
+    if value is None or isinstance(value, Shard):
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
+        if match is None:
+            raise VitspecError(f"--shard must be K/N (e.g. 0/4), got {value!r}")
+        value = (int(match[1]), int(match[2]))
+    k, n = value
+    if not (isinstance(k, int) and isinstance(n, int)) or n < 1 or not 0 <= k < n:
+        raise VitspecError(f"--shard K/N needs 0 <= K < N, got {k}/{n}")
+    return Shard(k, n)
+
+
+class ShardBatches:
+    """The batches of ``batches`` that ``shard`` owns, with their global batch and image
+    indices (filled while iterating).
+
+    Example:
+        >>> parts = ShardBatches([torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(1, 1)],
+        ...                      Shard(0, 2))
+        >>> [b.shape[0] for b in parts], parts.batch_indices, parts.image_indices
+        ([2, 1], [0, 2], [0, 1, 4])
+    """
+
+    def __init__(self, batches: Iterable, shard: Shard):
+        self.batches = batches
+        self.shard = shard
+        self.batch_indices: list[int] = []
+        self.image_indices: list[int] = []
+
+    def __iter__(self) -> Iterator:
+        start = 0
+        for b, batch in enumerate(self.batches):
+            size = batch.shape[0]
+            if self.shard.owns(b):
+                self.batch_indices.append(b)
+                self.image_indices.extend(range(start, start + size))
+                yield batch
+            start += size
+
+    def global_index(self, local: int) -> int:
+        """The global batch index of this shard's ``local``-th batch."""
+        return self.shard.index + local * self.shard.count
+
+    def describe(self) -> dict:
+        """run.json's ``shard`` entry."""
+        return {
+            "index": self.shard.index,
+            "count": self.shard.count,
+            "batches": self.batch_indices,
+            "images": self.image_indices,
+        }
+
+
+def distributed_shard() -> Shard | None:
+    """This process's shard under ``torchrun`` (``RANK`` of ``WORLD_SIZE`` > 1), else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    return Shard(int(os.environ["RANK"]), world)
+
+
+# ---- collector state on disk (tensors and plain Python only: loads with weights_only) --------
+def plain_state(state: dict) -> dict:
+    """A :meth:`vitspec.collect.Collector.state` as lists, dicts and tensors."""
+    unavailable = state["unavailable"]
+    return {
+        "moments": [
+            [site, layer, head, name, acc.n, acc.mean.cpu(), acc.m2.cpu()]
+            for (site, layer, head, name), acc in state["moments"].items()
+            if acc.mean is not None
+        ],
+        "refused": {kind: dict(layers) for kind, layers in state["refused"].items()},
+        "dropped": [[layer, name, why] for (layer, name), why in state["dropped"].items()],
+        "num_heads": state["num_heads"],
+        "unavailable": [
+            [what, why, sorted(layers)] for (what, why), layers in unavailable._layers.items()
+        ],
+    }
+
+
+def collector_state(plain: dict) -> dict:
+    """The inverse of :func:`plain_state`: a state :meth:`Collector.merge_state` accepts."""
+    from vitspec.sites import Unavailable
+
+    moments = {}
+    for site, layer, head, name, n, mean, m2 in plain["moments"]:
+        acc = Moments()
+        acc.n, acc.mean, acc.m2 = int(n), mean.to(torch.float64), m2.to(torch.float64)
+        moments[(site, layer, head, name)] = acc
+    unavailable = Unavailable()
+    for what, why, layers in plain["unavailable"]:
+        unavailable._layers[(what, why)] = set(layers)
+        unavailable._seen.add(why)
+    return {
+        "moments": moments,
+        "refused": {kind: dict(layers) for kind, layers in plain["refused"].items()},
+        "dropped": {(layer, name): why for layer, name, why in plain["dropped"]},
+        "num_heads": plain["num_heads"],
+        "unavailable": unavailable,
+    }
+
+
+def save_state(folder: Path, states: dict) -> None:
+    """Write ``{consumer name: plain state}`` to ``folder / STATE_FILE``."""
+    torch.save(states, folder / STATE_FILE)
+
+
+def load_state(folder: Path) -> dict:
+    """Read a shard's :data:`STATE_FILE` (plain data only: no code runs on loading)."""
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise VitspecError(f"{folder} holds no {STATE_FILE}: it is not a shard (run with --shard)")
+    return torch.load(path, weights_only=True)
