@@ -1,7 +1,7 @@
 """Regenerate the README's family table from the registered adapters.
 
-    python scripts/family_table.py          # rewrite README.md in place
-    python scripts/family_table.py --check  # exit 1 if README.md is out of date
+python scripts/family_table.py          # rewrite README.md in place
+python scripts/family_table.py --check  # exit 1 if README.md is out of date
 """
 
 from __future__ import annotations

@@ -73,8 +73,9 @@ def test_healthy_tiny_model_passes_every_check(result):
 
 
 def test_exact_s_a_agrees_with_analyze_attn_hc_gain(result):
-    run = analyze(tiny(), num_images=3, batch_size=2, device="cpu", metrics="attn_hc_gain",
-                  warn=quiet)
+    run = analyze(
+        tiny(), num_images=3, batch_size=2, device="cpu", metrics="attn_hc_gain", warn=quiet
+    )
     m = run.metric("attn_hc_gain")
     m = m[m["head"] >= 0].set_index(["layer", "head"])["mean"]
     g = result.figure_data["gains"].set_index(["layer", "head"])["s_a"]
@@ -92,7 +93,8 @@ def test_results_round_trip_and_figures_drawn_from_the_folder(result, tmp_path):
         assert f"{stem}.png" in names and f"{stem}.pdf" in names
     back = VerifyResult.load(out)
     assert back.table[["check", "layer", "head", "status"]].equals(
-        result.table[["check", "layer", "head", "status"]])
+        result.table[["check", "layer", "head", "status"]]
+    )
     assert back.info["summary"] == result.info["summary"]
     assert len(back.figure_data["curves"]) == len(result.figure_data["curves"])
     text = (out / "verify.json").read_text()
@@ -128,15 +130,25 @@ def test_planted_non_stochastic_attention_fails_and_dependents_are_not_applicabl
     assert (others["status"] == "pass").all()
     assert r.info["summary"]["failed_checks"] == ["row_stochastic"]
     assert r.info["summary"]["checks"]["row_stochastic"]["failing"] == [
-        "layer 2 head 0", "layer 2 head 1"]
+        "layer 2 head 0",
+        "layer 2 head 1",
+    ]
 
 
 def test_cait_checks_the_softmax_before_talking_heads():
     """A is the softmax output before the talking-heads mix (row-stochastic): the per-head
     checks apply; the branch checks do not (the heads are mixed); class attention is 1 x N."""
     torch.manual_seed(0)
-    model = timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, patch_size=8,
-                              depth=2, embed_dim=32, num_heads=2, depth_token_only=1).eval()
+    model = timm.create_model(
+        "cait_xxs24_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        depth_token_only=1,
+    ).eval()
     r = verify(model, num_images=1, device="cpu", warn=quiet)
     df = r.table
     assert set(df["layer"].dropna()) == {1, 2}

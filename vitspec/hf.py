@@ -27,12 +27,24 @@ def is_hf(model) -> bool:
     return isinstance(model, str) and model.startswith(PREFIX)
 
 
-def load_folder(spec: str) -> tuple[LoadedModel, Callable]:
-    """The model in the folder of ``hf:PATH`` (eager attention, eval mode) and the image
-    transform of its image processor (PIL image -> ``[3, H, W]``)."""
+def check_folder(spec: str) -> Path:
+    """The folder of ``hf:PATH``; a one-line error when it holds no ``config.json``.
+
+    Example:
+        >>> check_folder("hf:/nonexistent/vit")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        vitspec.errors.VitspecError: hf:/nonexistent/vit: no model folder with a config.json ...
+    """
     folder = Path(spec[len(PREFIX) :]).expanduser()
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise VitspecError(f"{spec}: no model folder with a config.json at {folder}")
+    return folder
+
+
+def load_folder(spec: str) -> tuple[LoadedModel, Callable]:
+    """The model in the folder of ``hf:PATH`` (eager attention, eval mode) and the image
+    transform of its image processor (PIL image -> ``[3, H, W]``)."""
+    folder = check_folder(spec)
     try:
         import transformers
     except ImportError:

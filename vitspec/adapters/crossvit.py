@@ -42,7 +42,7 @@ class CrossVitAdapter(LayeredAdapter):
 
     def build(self) -> list[Layer]:
         model = self.model
-        sizes = [pair(e.proj.kernel_size)[0] for e in model.patch_embed]
+        sizes = [pair(e.patch_size)[0] for e in model.patch_embed]
         names = [f"branch {b + 1} (patch {p})" for b, p in enumerate(sizes)]
         grid_maps = [(embed.proj, "output", "nchw") for embed in model.patch_embed]
         out: list[Layer] = []

@@ -14,9 +14,9 @@ from timm.models.davit import ChannelBlock, DaVit, SpatialBlock
 from torch import nn
 
 from vitspec.adapters import register
-from vitspec.adapters.base import FamilyInfo, Tap, pair
+from vitspec.adapters.base import FamilyInfo, Tap, pair, split_windows
 from vitspec.adapters.layered import Layer, LayeredAdapter
-from vitspec.adapters.layout import nchw_tokens, windows_per_image
+from vitspec.adapters.layout import nchw_tokens
 from vitspec.errors import VitspecError
 
 CHANNEL_ATTENTION = (
@@ -65,6 +65,6 @@ def _layer(block: nn.Module, stage: str) -> Layer:
         return Layer(**common, no_pattern=CHANNEL_ATTENTION)
     return Layer(
         **common,
-        pattern=Tap(block.attn.softmax, "output", windows_per_image),
+        pattern=Tap(block.attn.softmax, "output", split_windows),
         window=pair(block.window_size),
     )

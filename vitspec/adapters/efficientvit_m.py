@@ -19,9 +19,9 @@ from timm.models.efficientvit_msra import EfficientVitMsra
 from torch import Tensor, nn
 
 from vitspec.adapters import register
-from vitspec.adapters.base import FamilyInfo, Tap, pair
+from vitspec.adapters.base import FamilyInfo, Tap, pair, split_windows
 from vitspec.adapters.layered import Layer, LayeredAdapter
-from vitspec.adapters.layout import nchw_tokens, windows_per_image
+from vitspec.adapters.layout import nchw_tokens
 
 
 def cascaded_attention(cga: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -88,6 +88,6 @@ def _layer(block: nn.Module, stage: str) -> Layer:
         mid=Tap(block.mixer, "output", nchw_tokens),
         attn_in=Tap(local, "input", nchw_tokens),
         attn_out=Tap(local, "output", nchw_tokens),
-        pattern=Tap(cga, "input", lambda x, b: windows_per_image(cascaded_attention(cga, x)[0], b)),
+        pattern=Tap(cga, "input", lambda x, b: split_windows(cascaded_attention(cga, x)[0], b)),
         window=pair(cga.resolution),
     )

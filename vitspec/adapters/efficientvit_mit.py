@@ -21,7 +21,7 @@ a row the uniform weights 1/N so that A stays row-stochastic.
 from __future__ import annotations
 
 import torch
-from timm.models.efficientvit_mit import EfficientVit, EfficientVitBlock
+from timm.models.efficientvit_mit import EfficientVit, EfficientVitBlock, EfficientVitLarge
 from torch import Tensor, nn
 
 from vitspec.adapters import register
@@ -68,14 +68,14 @@ def row_normalised(q: Tensor, k: Tensor, max_queries: int = MAX_QUERIES) -> Tens
     return a / torch.where(undefined, float(a.shape[-1]), sums)
 
 
-@register(EfficientVit)
+@register(EfficientVit, EfficientVitLarge)
 class EfficientVitMitAdapter(LayeredAdapter):
     """EfficientViT-MIT blocks across stages; linear attention formed for the analysis."""
 
     family = "efficientvit_mit"
     info = FamilyInfo(
         name="EfficientViT-MIT (linear attention)",
-        examples=("efficientvit_b0",),
+        examples=("efficientvit_b0", "efficientvit_l1"),
         measured="token metrics after every block; at LiteMLA blocks the implicit attention "
         f"relu(Q) relu(K)^T with rows normalised, formed for the analysis (above {MAX_QUERIES} "
         f"tokens on a subsample of query rows, seed {SEED}: attn_entropy only)",

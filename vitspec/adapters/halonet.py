@@ -73,7 +73,7 @@ class HaloNetAdapter(LayeredAdapter):
         if not any(isinstance(m, HaloAttn) for m in self.model.modules()):
             raise VitspecError(
                 "this ByobNet has no HaloAttn blocks; vitspec reads ByobNet models with halo "
-                "attention (halonet*), not plain convolutional ones"
+                "attention (halonet*), not convolutional, lambda or bottleneck-attention ones"
             )
         out = []
         for i, stage in enumerate(self.model.stages):

@@ -1,9 +1,9 @@
 """Token-layout helpers shared by the hierarchical, windowed and convolutional-hybrid adapters.
 
-Tap transforms turn a model's own layout into the sites' layouts (:mod:`vitspec.sites`): tokens
-``[B, N, C]`` with the patch grid in raster order, attention ``[B, H, N, M]`` or, windowed,
-``[B, nW, H, n, m]``. :func:`shape_probe` runs one tiny forward to read per-layer grids and
-widths where they depend on convolution arithmetic (stride, padding, pooling).
+Tap transforms that bring a model's own layout into the sites' layouts (:mod:`vitspec.sites`;
+NHWC and windows: ``flatten_nhwc`` and ``split_windows`` in :mod:`vitspec.adapters.base`), and
+:func:`shape_probe`, one tiny forward pass that reads per-layer grids and widths where they depend
+on convolution arithmetic (stride, padding, pooling).
 """
 
 from __future__ import annotations
@@ -25,31 +25,6 @@ def nchw_tokens(value: Tensor, batch_size: int) -> Tensor:
     return value.flatten(2).transpose(1, 2)
 
 
-def to_tokens(value: Tensor, batch_size: int) -> Tensor:
-    """NHWC ``[B, h, w, C]`` -> ``[B, h*w, C]``; ``[B, N, C]`` unchanged; a Tap transform.
-
-    Example:
-        >>> to_tokens(torch.zeros(2, 3, 4, 5), 2).shape, to_tokens(torch.zeros(2, 7, 5), 2).shape
-        (torch.Size([2, 12, 5]), torch.Size([2, 7, 5]))
-    """
-    return value.flatten(1, 2) if value.dim() == 4 else value
-
-
-def first_item(transform: Callable[[Tensor, int], Tensor] | None = None) -> Callable:
-    """A Tap transform for modules that return a tuple: its first item (then ``transform``).
-
-    Example:
-        >>> first_item()((torch.ones(1), torch.zeros(1)), 1)
-        tensor([1.])
-    """
-
-    def pick(value, batch_size: int) -> Tensor:
-        item = value[0]
-        return item if transform is None else transform(item, batch_size)
-
-    return pick
-
-
 def item(index: int) -> Callable:
     """A Tap transform taking ``value[index]`` of a tuple or list output.
 
@@ -58,26 +33,6 @@ def item(index: int) -> Callable:
         tensor([0.])
     """
     return lambda value, batch_size: value[index]
-
-
-def windows_per_image(value: Tensor, batch_size: int) -> Tensor:
-    """``[B*nW, H, n, m]`` (each image's windows contiguous) -> ``[B, nW, H, n, m]``.
-
-    Example:
-        >>> windows_per_image(torch.zeros(8, 3, 49, 49), 2).shape
-        torch.Size([2, 4, 3, 49, 49])
-    """
-    return value.reshape(batch_size, -1, *value.shape[1:])
-
-
-def single_head(value: Tensor, batch_size: int) -> Tensor:
-    """``[B, N, M]`` (one head, no head axis) -> ``[B, 1, N, M]``.
-
-    Example:
-        >>> single_head(torch.zeros(2, 5, 5), 2).shape
-        torch.Size([2, 1, 5, 5])
-    """
-    return value.unsqueeze(1)
 
 
 def shape_probe(

@@ -14,9 +14,9 @@ from timm.models.maxxvit import MaxxVit
 from torch import nn
 
 from vitspec.adapters import register
-from vitspec.adapters.base import FamilyInfo, Tap, pair
+from vitspec.adapters.base import FamilyInfo, Tap, flatten_nhwc, pair, split_windows
 from vitspec.adapters.layered import Layer, LayeredAdapter
-from vitspec.adapters.layout import nchw_tokens, to_tokens, windows_per_image
+from vitspec.adapters.layout import nchw_tokens
 from vitspec.errors import VitspecError
 
 NO_ATTENTION = "convolutional block (MBConv): no attention"
@@ -66,7 +66,7 @@ def _conv_layer(conv: nn.Module, stage: str) -> Layer:
 
 
 def _partition_layer(part: nn.Module, stage: str, kind: str, nchw: bool) -> Layer:
-    tokens = nchw_tokens if nchw else to_tokens
+    tokens = nchw_tokens if nchw else flatten_nhwc
     block_in = Tap(part, "input", tokens)
     return Layer(
         stage=stage,
@@ -76,7 +76,7 @@ def _partition_layer(part: nn.Module, stage: str, kind: str, nchw: bool) -> Laye
         mid=Tap(part.drop_path1, "output", tokens, plus=block_in),
         attn_in=Tap(part.norm1, "output", tokens),
         attn_out=Tap(part.drop_path1, "output", tokens),
-        pattern=Tap(part.attn.attn_drop, "input", windows_per_image),
+        pattern=Tap(part.attn.attn_drop, "input", split_windows),
         window=pair(part.partition_size),
         partition=kind,
     )

@@ -16,9 +16,8 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2
 from torch import nn
 
 from vitspec.adapters import register
-from vitspec.adapters.base import FamilyInfo, Tap, pair
+from vitspec.adapters.base import FamilyInfo, Tap, flatten_nhwc, pair, split_windows
 from vitspec.adapters.layered import Layer, LayeredAdapter
-from vitspec.adapters.layout import to_tokens, windows_per_image
 
 
 @register(SwinTransformer, SwinTransformerV2)
@@ -45,18 +44,18 @@ class SwinAdapter(LayeredAdapter):
 
 def _swin_layer(block: nn.Module, stage: str) -> Layer:
     v1 = isinstance(block, SwinTransformerBlock)
-    block_in = Tap(block, "input", to_tokens)
-    branch = Tap(block.drop_path1, "output", to_tokens)
+    block_in = Tap(block, "input", flatten_nhwc)
+    branch = Tap(block.drop_path1, "output", flatten_nhwc)
     return Layer(
         stage=stage,
-        post=Tap(block, "output", to_tokens),
+        post=Tap(block, "output", flatten_nhwc),
         layout="nhwc",
         pre=block_in,
-        mid=Tap(block.drop_path1, "output", to_tokens, plus=block_in),
+        mid=Tap(block.drop_path1, "output", flatten_nhwc, plus=block_in),
         # v1: norm1 before the attention; v2 (res-post-norm): the block input enters it
-        attn_in=Tap(block.norm1, "output", to_tokens) if v1 else block_in,
+        attn_in=Tap(block.norm1, "output", flatten_nhwc) if v1 else block_in,
         attn_out=branch,
-        pattern=Tap(block.attn.attn_drop, "input", windows_per_image),
+        pattern=Tap(block.attn.attn_drop, "input", split_windows),
         window=pair(block.window_size),
         shift=pair(block.shift_size),
     )

@@ -16,9 +16,9 @@ from __future__ import annotations
 from timm.models.tnt import TNT
 
 from vitspec.adapters import register
-from vitspec.adapters.base import FamilyInfo, Tap, pair
+from vitspec.adapters.base import FamilyInfo, Tap, pair, split_windows
 from vitspec.adapters.layered import Layer, LayeredAdapter
-from vitspec.adapters.layout import item, windows_per_image
+from vitspec.adapters.layout import item
 
 NO_MID = (
     "inner attention acts on the pixel tokens; the patch stream changes once, by the projection"
@@ -35,7 +35,8 @@ class TntAdapter(LayeredAdapter):
         examples=("tnt_s_patch16_224",),
         measured="two layers per block on the patch stream: inner attention per patch's pixel "
         "window (averaged over patches), outer attention over class token and patches",
-        not_measured="mid of inner layers (the inner attention acts on pixel tokens)",
+        not_measured="mid of inner layers (the inner attention acts on pixel tokens); "
+        "attn_cross_layer_sim (inner and outer layers alternate)",
     )
 
     def build(self) -> list[Layer]:
@@ -50,7 +51,7 @@ class TntAdapter(LayeredAdapter):
                     stage="blocks",
                     post=stream,
                     pre=before,
-                    pattern=Tap(block.attn_in.attn_drop, "input", windows_per_image),
+                    pattern=Tap(block.attn_in.attn_drop, "input", split_windows),
                     prefix=prefix,
                     window=pixels,
                     partition="pixels",

@@ -20,9 +20,8 @@ from timm.models.volo import VOLO, ClassBlock, Outlooker, Transformer
 from torch import Tensor, nn
 
 from vitspec.adapters import register
-from vitspec.adapters.base import FamilyInfo, Tap, pair
+from vitspec.adapters.base import FamilyInfo, Tap, flatten_nhwc, pair
 from vitspec.adapters.layered import Layer, LayeredAdapter
-from vitspec.adapters.layout import to_tokens
 from vitspec.errors import VitspecError
 
 CLASS_ONLY = "class-attention blocks update only the class token (no full-sequence residual)"
@@ -73,15 +72,15 @@ class VoloAdapter(LayeredAdapter):
 
 
 def _trunk_layer(block: nn.Module, stage: str) -> Layer:
-    block_in = Tap(block, "input", to_tokens)
+    block_in = Tap(block, "input", flatten_nhwc)
     common = dict(
         stage=stage,
-        post=Tap(block, "output", to_tokens),
+        post=Tap(block, "output", flatten_nhwc),
         layout="nhwc",
         pre=block_in,
-        mid=Tap(block.drop_path1, "output", to_tokens, plus=block_in),
-        attn_in=Tap(block.norm1, "output", to_tokens),
-        attn_out=Tap(block.drop_path1, "output", to_tokens),
+        mid=Tap(block.drop_path1, "output", flatten_nhwc, plus=block_in),
+        attn_in=Tap(block.norm1, "output", flatten_nhwc),
+        attn_out=Tap(block.drop_path1, "output", flatten_nhwc),
     )
     if isinstance(block, Outlooker):
         attn = block.attn
