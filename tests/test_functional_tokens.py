@@ -163,3 +163,14 @@ def test_cuda_matches_cpu(name):
     got = fn(x.cuda(), 1, (4, 4))
     assert got.device.type == "cuda"
     np.testing.assert_allclose(got.cpu().numpy(), fn(x, 1, (4, 4)).numpy(), rtol=1e-5, atol=1e-9)
+
+
+def test_patch_cos_abs_in_row_blocks_on_a_large_grid():
+    """A 64 x 64 grid and 2 images exceed one block of the Gram (2**24 entries): the blocked sum
+    equals the numpy reference over the whole matrix."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1 + 64 * 64, 8, generator=gen, dtype=torch.float64)
+    x[:, 1:, 0] += 2.0  # a shared direction, so |cos| is not ~0 everywhere
+    got = F.patch_cos_abs(x, 1, (64, 64))
+    want = [ref.patch_cos_abs(xi.numpy(), 1, (64, 64)) for xi in x]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10)

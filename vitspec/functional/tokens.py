@@ -80,8 +80,10 @@ def hc_energy(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
 def patch_cos_abs(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
     """Mean over ordered pairs ``i != j`` of ``|cos(p_i, p_j)|`` over the G patch tokens.
 
-    Explicit ``G x G`` Gram of unit vectors (float32 unless the input is float64), diagonal
-    excluded, sums in float64. A zero token has cosine 0 with every other token.
+    Explicit ``G x G`` Gram of unit vectors (float32 unless the input is float64), formed in
+    blocks of rows (at most ``2**24`` entries for the whole batch at a time: hierarchical
+    models' early grids reach G = 112 x 112), diagonal excluded, sums in float64. A zero token
+    has cosine 0 with every other token.
 
     Args:
         tokens: ``[B, N, C]``.
@@ -97,10 +99,15 @@ def patch_cos_abs(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Ten
     """
     v = token_view(tokens, num_prefix, grid)
     u = v.unit_patches.to(compute_dtype(v.tokens))
-    gram = u @ u.mT  # [B, G, G]
-    gram.diagonal(dim1=-2, dim2=-1).zero_()
     g = u.shape[1]
-    return gram.abs().sum(dim=-1).to(torch.float64).sum(dim=-1) / (g * (g - 1))
+    rows = max(1, 2**24 // max(g * u.shape[0], 1))
+    total = torch.zeros(u.shape[0], dtype=torch.float64, device=u.device)
+    for start in range(0, g, rows):
+        block = u[:, start : start + rows] @ u.mT  # [B, r, G]: rows start.. of the Gram
+        r = torch.arange(block.shape[1], device=u.device)
+        block[:, r, r + start] = 0  # the diagonal
+        total += block.abs().sum(dim=-1).to(torch.float64).sum(dim=-1)
+    return total / (g * (g - 1))
 
 
 def patch_cos(tokens: Tokens, num_prefix: int, grid: tuple[int, int]) -> Tensor:
