@@ -1,4 +1,4 @@
-"""The result type: the long-format tables of shared/metrics.md, plain data, saved atomically."""
+"""The result type: the long-format tables of docs/metrics.md, plain data, saved atomically."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ FILES = ("metrics.csv", "spectra.csv", "run.json")
 
 
 def validate(metrics: pd.DataFrame, spectra: pd.DataFrame) -> None:
-    """Check both tables against the schema of shared/metrics.md (internal invariant)."""
+    """Check both tables against the schema of docs/metrics.md (internal invariant)."""
     assert list(metrics.columns) == METRIC_COLUMNS, list(metrics.columns)
     assert list(spectra.columns) == SPECTRA_COLUMNS, list(spectra.columns)
     for df in (metrics, spectra):

@@ -19,7 +19,7 @@ site               layout                     what it is
 =================  =========================  ==================================================
 
 Tokens are P prefix tokens then the h x w patch grid in raster order (NHWC maps are flattened by
-the adapter's tap). The contract's ``site`` column (shared/metrics.md) is derived:
+the adapter's tap). The contract's ``site`` column (docs/metrics.md) is derived:
 ``resid_pre`` of layer 1 is ``embed`` (layer 0), ``resid_mid`` is ``mid``, ``resid_post`` is
 ``block``, the patterns are ``attn``.
 """

@@ -1,4 +1,4 @@
-"""Functional core: one pure, batched torch definition of every metric in shared/metrics.md.
+"""Functional core: one pure, batched torch definition of every metric in docs/metrics.md.
 
 Token metrics: ``fn(tokens [B, N, C], num_prefix, grid) -> [B]`` (curves ``[B, K]``).
 Attention metrics: ``fn(attn [B, H, N, N], prev) -> [B, H]`` (curve ``[B, H, N]``).

@@ -1,4 +1,4 @@
-"""Attention-map metrics of shared/metrics.md: pure batched torch functions.
+"""Attention-map metrics of docs/metrics.md: pure batched torch functions.
 
 Every function takes post-softmax attention ``attn: [B, H, N, N]`` (query rows, key columns) and
 ``prev``: the previous block's attention for the same images (only ``attn_cross_layer_sim`` uses

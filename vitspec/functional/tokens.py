@@ -1,4 +1,4 @@
-"""Token-matrix metrics of shared/metrics.md: pure batched torch functions.
+"""Token-matrix metrics of docs/metrics.md: pure batched torch functions.
 
 Every function takes ``tokens: [B, N, C]`` (N = P + G tokens: ``num_prefix`` prefix tokens first,
 then the ``G = h * w`` patch tokens in raster order on ``grid = (h, w)``), ``num_prefix`` and

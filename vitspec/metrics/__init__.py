@@ -1,4 +1,4 @@
-"""Streaming metrics: the registry of every metric in shared/metrics.md and accumulators.
+"""Streaming metrics: the registry of every metric in docs/metrics.md and accumulators.
 
 Importing this package registers the built-in metrics (see :mod:`vitspec.metrics.registry`).
 """

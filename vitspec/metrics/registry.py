@@ -1,9 +1,9 @@
-"""Metric registry: one :class:`MetricSpec` per metric name of shared/metrics.md.
+"""Metric registry: one :class:`MetricSpec` per metric name of docs/metrics.md.
 
 The CLI, the docs and the tests enumerate metrics through :func:`list_metrics` instead of
 repeating their names. The functional core (:mod:`vitspec.functional`) does not know about the
 registry; the built-in metrics are registered at the bottom of this module, in the order of
-shared/metrics.md.
+docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def list_metrics(pattern: str = "*", kind: str | None = None) -> list[MetricSpec
     ]
 
 
-# Built-in metrics, in the order of shared/metrics.md: name, kind, formula, source, fn, needs.
+# Built-in metrics, in the order of docs/metrics.md: name, kind, formula, source, fn, needs.
 _BUILTIN = [
     (
         "hc_dc_ratio",

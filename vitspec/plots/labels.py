@@ -2,7 +2,7 @@
 
 Axis labels are short (the quantity's unit or kind); panels carry the metric name as title.
 
-The definitions follow shared/metrics.md; the registry (``vitspec metrics``) holds the formulas
+The definitions follow docs/metrics.md; the registry (``vitspec metrics``) holds the formulas
 the code computes, this module the plain words a figure needs.
 
 Example:
