@@ -159,9 +159,11 @@ def test_page_holds_provenance_summaries_checks_and_differences(page):
 
 
 def test_no_pdf_embeds_a_type3_font(page):
-    pdffonts = shutil.which("pdffonts")
+    pdffonts = _debian_tool(("pdffonts",), "poppler-utils")
     if pdffonts is None:
-        pytest.skip("pdffonts (poppler-utils) is not installed")
+        pytest.skip(
+            "no pdffonts: poppler-utils not installed and cannot install it (not root or no apt-get)"
+        )
     for pdf in sorted(page.rglob("*.pdf")):
         out = subprocess.run([pdffonts, str(pdf)], capture_output=True, text=True, check=True)
         rows = out.stdout.splitlines()[2:]
@@ -201,20 +203,21 @@ def test_one_line_errors(folders, tmp_path, capsys):
         vitspec.report(folders / "a", tmp_path / "x", size="poster")
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
+def _debian_tool(names: tuple[str, ...], package: str) -> str | None:
+    """The first of ``names`` on PATH, else install Debian's ``package`` (as root) and retry."""
+    for name in names:
         if shutil.which(name):
             return shutil.which(name)
     if os.geteuid() == 0 and shutil.which("apt-get"):
         quiet = {"capture_output": True, "timeout": 600}
         subprocess.run(["apt-get", "update", "-qq"], **quiet)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], **quiet)
-        return shutil.which("chromium")
+        subprocess.run(["apt-get", "install", "-y", "-qq", package], **quiet)
+        return shutil.which(names[0])
     return None
 
 
 def test_page_renders_in_headless_chromium(page, tmp_path):
-    browser = _chromium()
+    browser = _debian_tool(("chromium", "chromium-browser", "google-chrome"), "chromium")
     if browser is None:
         pytest.skip("no chromium: not installed and cannot install it (not root or no apt-get)")
     shot = tmp_path / "shot.png"
