@@ -162,7 +162,7 @@ def test_no_pdf_embeds_a_type3_font(page):
     pdffonts = _debian_tool(("pdffonts",), "poppler-utils")
     if pdffonts is None:
         pytest.skip(
-            "no pdffonts: poppler-utils not installed and cannot install it (not root or no apt-get)"
+            "no pdffonts: poppler-utils is missing and cannot be installed (not root or no apt-get)"
         )
     for pdf in sorted(page.rglob("*.pdf")):
         out = subprocess.run([pdffonts, str(pdf)], capture_output=True, text=True, check=True)
