@@ -129,7 +129,8 @@ def test_logit_bound_formula_derivation_and_counterexample():
     assert ck.logit_bound(16, torch.tensor([0.0, math.inf], dtype=F64)).tolist() == [1.0, 4.0]
     a = torch.tensor(3.0, dtype=F64)
     assert ck.logit_bound(197, a) == pytest.approx(
-        math.sqrt(197 * math.exp(6) / (math.exp(6) + 196)), rel=1e-14)
+        math.sqrt(197 * math.exp(6) / (math.exp(6) + 196)), rel=1e-14
+    )
     for family in ("uniform", "peaked", "shared", "two-cluster"):
         p = logit_families(family, 24, 2.5, 3, torch.Generator().manual_seed(1))
         mats = p.softmax(-1)
@@ -218,7 +219,8 @@ def test_one_plus_msa_bound_is_not_a_rate_with_layernorm():
     w_v = torch.randn(heads, c, d, generator=gen, dtype=F64) / 2
     w_o = torch.randn(heads, d, c, generator=gen, dtype=F64) / 2
     msa = torch.einsum("bhnd,hdc->bnc", a @ torch.einsum("bnc,hcd->bhnd", y, w_v), w_o)
-    res = ck.check_msa_bound(x, y, msa, ck.hc_gain(a), ck.head_weight_norms(w_v, w_o),
-                             torch.ones(1))
+    res = ck.check_msa_bound(
+        x, y, msa, ck.hc_gain(a), ck.head_weight_norms(w_v, w_o), torch.ones(1)
+    )
     assert not res.branch.violated.any() and not res.residual.violated.any()
     assert res.rate.item() > 10 * (1 + res.bound.item())

@@ -45,16 +45,18 @@ def one_line_error(code, err, fragment):
 
 def test_healthy_model_exits_0_with_csv_json_and_figures(capsys, tmp_path, tiny_models):
     out = tmp_path / "v"
-    code, err = run(capsys, "verify", "deit_tiny", "--random-init", "--num-images", "2",
-                    "--out", str(out))
+    code, err = run(
+        capsys, "verify", "deit_tiny", "--random-init", "--num-images", "2", "--out", str(out)
+    )
     assert code == 0, err
     assert "every applicable check passes" in err and "RANDOM initialisation" in err
     names = {p.name for p in out.iterdir()}
     for stem in ("verify_lowpass", "verify_gain", "verify_msa"):
         assert {f"{stem}.png", f"{stem}.pdf"} <= names
     header = (out / "verify.csv").read_text().splitlines()[0]
-    assert header == ("run,model,checkpoint,check,layer,head,cases,violations,max_slack,"
-                      "tolerance,status,reason")
+    assert header == (
+        "run,model,checkpoint,check,layer,head,cases,violations,max_slack,tolerance,status,reason"
+    )
     df = pd.read_csv(out / "verify.csv")
     assert set(df["status"]) == {"pass"} and (df["checkpoint"] == "random-init").all()
     info = json.loads((out / "verify.json").read_text())
@@ -80,8 +82,17 @@ def talking_heads(model):
 def test_planted_non_stochastic_attention_exits_1_and_says_which(capsys, tmp_path, tiny_models):
     tiny_models.append(talking_heads)
     out = tmp_path / "v"
-    code, err = run(capsys, "verify", "deit_tiny", "--random-init", "--num-images", "1",
-                    "--out", str(out), "--quiet")
+    code, err = run(
+        capsys,
+        "verify",
+        "deit_tiny",
+        "--random-init",
+        "--num-images",
+        "1",
+        "--out",
+        str(out),
+        "--quiet",
+    )
     assert code == 1, err
     assert "FAIL: row_stochastic" in err and "layer 3 head 0" in err
     df = pd.read_csv(out / "verify.csv", keep_default_na=False)
@@ -93,35 +104,49 @@ def test_planted_non_stochastic_attention_exits_1_and_says_which(capsys, tmp_pat
 def test_wrong_bound_exits_1(capsys, tmp_path, monkeypatch):
     real = ck.logit_bound
     monkeypatch.setattr(ck, "logit_bound", lambda n, a: real(n, a) * 0.5)
-    code, err = run(capsys, "verify", "--synthetic", "--sizes", "16", "--max-steps", "64",
-                    "--out", str(tmp_path / "s"))
+    code, err = run(
+        capsys,
+        "verify",
+        "--synthetic",
+        "--sizes",
+        "16",
+        "--max-steps",
+        "64",
+        "--out",
+        str(tmp_path / "s"),
+    )
     assert code == 1, err
     assert "FAIL: logit_bound" in err
 
 
 def test_synthetic_exits_0(capsys, tmp_path):
     out = tmp_path / "s"
-    code, err = run(capsys, "verify", "--synthetic", "--sizes", "16,24", "--max-steps", "128",
-                    "--out", str(out))
+    code, err = run(
+        capsys, "verify", "--synthetic", "--sizes", "16,24", "--max-steps", "128", "--out", str(out)
+    )
     assert code == 0, err
     assert {"verify_synthetic.png", "verify_synthetic.pdf", "verify.csv"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
     df = pd.read_csv(out / "verify.csv")
     assert set(df["model"]) == {"synthetic-N16", "synthetic-N24"}
     assert set(df["status"]) == {"pass"}
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["verify", "deit_smal", "--random-init"], "unknown model 'deit_smal'"),
-    (["verify", "deit_tiny", "--synthetic"], "not both"),
-    (["verify"], "give a MODEL"),
-    (["verify", "deit_tiny", "--sizes", "16"], "--sizes applies to the synthetic suite"),
-    (["verify", "--synthetic", "--sizes", "16,x"], "comma-separated whole numbers"),
-    (["verify", "--synthetic", "--sizes", "1"], "sizes must be whole numbers >= 2"),
-    (["verify", "--synthetic", "--random-init"], "need a MODEL"),
-    (["verify", "deit_tiny", "--random-init", "--max-steps", "0"], "--max-steps"),
-    (["verify", "deit_tiny", "--random-init", "--threads", "0"], "threads"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["verify", "deit_smal", "--random-init"], "unknown model 'deit_smal'"),
+        (["verify", "deit_tiny", "--synthetic"], "not both"),
+        (["verify"], "give a MODEL"),
+        (["verify", "deit_tiny", "--sizes", "16"], "--sizes applies to the synthetic suite"),
+        (["verify", "--synthetic", "--sizes", "16,x"], "comma-separated whole numbers"),
+        (["verify", "--synthetic", "--sizes", "1"], "sizes must be whole numbers >= 2"),
+        (["verify", "--synthetic", "--random-init"], "need a MODEL"),
+        (["verify", "deit_tiny", "--random-init", "--max-steps", "0"], "--max-steps"),
+        (["verify", "deit_tiny", "--random-init", "--threads", "0"], "threads"),
+    ],
+)
 def test_usage_errors_exit_2_with_one_line(capsys, tmp_path, argv, fragment):
     code, err = run(capsys, *argv, "--out", str(tmp_path / "x"))
     one_line_error(code, err, fragment)

@@ -33,4 +33,3 @@ def __getattr__(name):
 
 def __dir__():
     return sorted([*globals(), *_API])
-

@@ -215,9 +215,7 @@ def _draw(folder: Path, args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> int:
     from vitspec.reporting import report
 
-    page = report(
-        args.folders, args.out, size=args.size, band=args.band, overwrite=args.overwrite
-    )
+    page = report(args.folders, args.out, size=args.size, band=args.band, overwrite=args.overwrite)
     figures = len(list(page.parent.rglob("*.png")))
     _say(args, f"{len(args.folders)} folders -> {page} ({figures} figures, PNG + PDF)")
     return 0

@@ -102,11 +102,21 @@ def verify(
         check_count(threads, "threads")
     request = None
     if not synthetic:  # every check before the model is built or an image read
-        weights = Weights(ckpt, random_init, seed, ema, strict, model_kwargs, featscale_form,
-                          img_size, trust_checkpoint)
+        weights = Weights(
+            ckpt,
+            random_init,
+            seed,
+            ema,
+            strict,
+            model_kwargs,
+            featscale_form,
+            img_size,
+            trust_checkpoint,
+        )
         inputs = Inputs(images, num_images, batch_size, sample, sample_seed)
-        request = dict(weights=weights, inputs=inputs,
-                       request=check_request(model, weights, inputs, device))
+        request = dict(
+            weights=weights, inputs=inputs, request=check_request(model, weights, inputs, device)
+        )
     claim = OutputDir(out, overwrite=overwrite, protect=[images]) if out is not None else None
     start = time.perf_counter()
     saved = torch.get_num_threads()
@@ -117,9 +127,17 @@ def verify(
             if synthetic:
                 result = _synthetic(sizes, max_steps, seed, start)
             else:
-                result = _model(model, request, label=label, max_steps=max_steps, seed=seed,
-                                progress=progress, warn=warn or stderr_warn, log=log,
-                                start=start)
+                result = _model(
+                    model,
+                    request,
+                    label=label,
+                    max_steps=max_steps,
+                    seed=seed,
+                    progress=progress,
+                    warn=warn or stderr_warn,
+                    log=log,
+                    start=start,
+                )
             if tmp is not None:
                 result.write(tmp)
         return result
@@ -134,25 +152,32 @@ def check_usage(model, *, synthetic: bool, sizes=None, ckpt=None, random_init=Fa
         >>> check_usage(None, synthetic=True, sizes=[16])
     """
     if synthetic and model is not None:
-        raise VitspecError("give a MODEL or --synthetic, not both (the synthetic suite needs no "
-                           "model)")
+        raise VitspecError(
+            "give a MODEL or --synthetic, not both (the synthetic suite needs no model)"
+        )
     if not synthetic and model is None:
         raise VitspecError("give a MODEL to verify, or --synthetic for the synthetic suite")
     if synthetic and (ckpt is not None or random_init):
-        raise VitspecError("--ckpt / --random-init need a MODEL; the synthetic suite has no "
-                           "weights")
+        raise VitspecError(
+            "--ckpt / --random-init need a MODEL; the synthetic suite has no weights"
+        )
     if sizes is not None:
         if not synthetic:
             raise VitspecError("--sizes applies to the synthetic suite only (use --synthetic)")
         bad = [s for s in sizes if isinstance(s, bool) or not isinstance(s, int) or s < 2]
         if bad or not len(sizes):
-            raise VitspecError(f"synthetic sizes must be whole numbers >= 2, got "
-                               f"{bad[0] if bad else 'none'}")
+            raise VitspecError(
+                f"synthetic sizes must be whole numbers >= 2, got {bad[0] if bad else 'none'}"
+            )
 
 
 def _versions() -> dict:
-    return {"vitspec": vitspec.__version__, "torch": torch.__version__, "timm": timm.__version__,
-            "python": platform.python_version()}
+    return {
+        "vitspec": vitspec.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _synthetic(sizes, max_steps: int, seed: int, start: float) -> VerifyResult:
@@ -160,16 +185,23 @@ def _synthetic(sizes, max_steps: int, seed: int, start: float) -> VerifyResult:
 
     sizes = tuple(syn.SIZES if sizes is None else sizes)
     tallies, points = syn.run_synthetic(sizes, max_steps=max_steps, seed=seed)
-    frames = [table(t, {"run": "synthetic", "model": f"synthetic-N{n}", "checkpoint": "none"},
-                    {}) for n, t in tallies.items()]
+    frames = [
+        table(t, {"run": "synthetic", "model": f"synthetic-N{n}", "checkpoint": "none"}, {})
+        for n, t in tallies.items()
+    ]
     df = pd.concat(frames, ignore_index=True)
     info = {
         **_versions(),
         "run": "synthetic",
         "model": "synthetic",
-        "synthetic": {"sizes": list(sizes), "widths": list(syn.WIDTHS),
-                      "families": list(syn.FAMILIES), "samples": syn.SAMPLES,
-                      "product_depth": syn.PRODUCT_DEPTH, "product_paths": syn.PRODUCT_PATHS},
+        "synthetic": {
+            "sizes": list(sizes),
+            "widths": list(syn.WIDTHS),
+            "families": list(syn.FAMILIES),
+            "samples": syn.SAMPLES,
+            "product_depth": syn.PRODUCT_DEPTH,
+            "product_paths": syn.PRODUCT_PATHS,
+        },
         "seed": seed,
         "max_steps": max_steps,
         "tolerances": CHECKS,
@@ -182,16 +214,19 @@ def _synthetic(sizes, max_steps: int, seed: int, start: float) -> VerifyResult:
     return VerifyResult(df, info, {"synthetic": pd.DataFrame(points)})
 
 
-def _model(model, request: dict, *, label, max_steps, seed, progress, warn, log,
-           start) -> VerifyResult:
+def _model(
+    model, request: dict, *, label, max_steps, seed, progress, warn, log, start
+) -> VerifyResult:
     from vitspec.verification.model import ModelVerifier
 
     session = open_session(model, **request, warn=warn, log=log)
     verifier = ModelVerifier(session.adapter, session.device, max_steps=max_steps, seed=seed)
     done = run(session, [verifier], progress=progress, warn=warn, log=log)
     if not verifier.tallies:
-        raise VitspecError(f"no attention matrix was captured from {session.loaded.name}: "
-                           "its blocks expose no square post-softmax attention")
+        raise VitspecError(
+            f"no attention matrix was captured from {session.loaded.name}: "
+            "its blocks expose no square post-softmax attention"
+        )
     ids = session.ids(label)
     df = table(verifier.tallies, ids, verifier.not_applicable())
     wall = time.perf_counter() - start
@@ -209,7 +244,7 @@ def _model(model, request: dict, *, label, max_steps, seed, progress, warn, log,
         "consistency": {
             "attn_hc_gain_max_rel_diff": verifier.gain_diff,
             "note": "largest relative difference between analyze's attn_hc_gain (Lanczos, "
-                    "float32) and the exact float64 s_a used by every bound here",
+            "float32) and the exact float64 s_a used by every bound here",
         },
         "residual_rate": verifier.residual_note(),
         "dtype": "float32 forward, float64 checks",

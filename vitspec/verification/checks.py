@@ -273,10 +273,12 @@ class Trajectory:
     def keep(self, mask: Tensor) -> None:
         """Keep only the leading-dimension entries where ``mask`` is True."""
         self.w, self.hc0, self.gain, self.err = (
-            t[mask] for t in (self.w, self.hc0, self.gain, self.err))
+            t[mask] for t in (self.w, self.hc0, self.gain, self.err)
+        )
 
-    def step(self, m: Tensor, s: Tensor, rtol: float = RTOL,
-             m_fro: Tensor | None = None) -> tuple[Tensor, Tensor, Outcome]:
+    def step(
+        self, m: Tensor, s: Tensor, rtol: float = RTOL, m_fro: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Outcome]:
         """Apply ``m`` (``[..., N, N]``, gain ``s`` ``[...]``, Frobenius norm ``m_fro`` if known);
         return ``r_t``, its bound and the outcome, each ``[..., k]``."""
         w_prev = self.w
@@ -285,7 +287,8 @@ class Trajectory:
         m_fro = _fro(m) if m_fro is None else m_fro
         self.gain = self.gain * s
         self.err = s * self.err + 4 * self.gamma * (
-            m_fro[..., None] * w_prev.norm(dim=-2) + self.w.norm(dim=-2))
+            m_fro[..., None] * w_prev.norm(dim=-2) + self.w.norm(dim=-2)
+        )
         lhs = hc_norm(self.w)
         dc = _dc_norm(self.w)
         rhs = self.gain * self.hc0
@@ -313,8 +316,14 @@ class LowpassResult:
     rate: Tensor
 
 
-def lowpass(a_hat: Tensor, z: Tensor, s_a: Tensor, max_steps: int = 512,
-            stop: float = STOP_RATIO, rtol: float = RTOL) -> LowpassResult:
+def lowpass(
+    a_hat: Tensor,
+    z: Tensor,
+    s_a: Tensor,
+    max_steps: int = 512,
+    stop: float = STOP_RATIO,
+    rtol: float = RTOL,
+) -> LowpassResult:
     """Theorem 1: ``r_t = ||HC[Â^t z]|| / ||DC[Â^t z]||`` for t = 1..T, checked at every t.
 
     Matrices whose trajectories have all stopped are dropped from the loop, so one slowly mixing
@@ -372,8 +381,13 @@ def lowpass(a_hat: Tensor, z: Tensor, s_a: Tensor, max_steps: int = 512,
     def shaped(x: Tensor) -> Tensor:
         return x.reshape(*lead, *x.shape[1:])
 
-    return LowpassResult(Outcome(shaped(slack), shaped(violated)), shaped(r_all), shaped(b_all),
-                         shaped(steps), shaped(_fit_rate(r_all, steps)))
+    return LowpassResult(
+        Outcome(shaped(slack), shaped(violated)),
+        shaped(r_all),
+        shaped(b_all),
+        shaped(steps),
+        shaped(_fit_rate(r_all, steps)),
+    )
 
 
 def _fit_rate(r: Tensor, steps: Tensor) -> Tensor:
@@ -416,8 +430,9 @@ def logit_bound(n: int, a: Tensor) -> Tensor:
     return torch.sqrt(n / (1 + (n - 1) * torch.exp(-2 * a)))
 
 
-def check_logit_bound(a_hat: Tensor, s_a: Tensor, rtol: float = RTOL,
-                      s_a_hi: Tensor | None = None) -> tuple[Outcome, Tensor, Tensor, Tensor]:
+def check_logit_bound(
+    a_hat: Tensor, s_a: Tensor, rtol: float = RTOL, s_a_hi: Tensor | None = None
+) -> tuple[Outcome, Tensor, Tensor, Tensor]:
     """``s_a <= ||Â||_2 <= logit_bound(N, a)`` with ``a`` from :func:`logit_half_width`.
 
     The second inequality holds because every entry of a softmax row whose logit range is ``2a``
@@ -475,8 +490,15 @@ class MsaResult:
     y_over_x: Tensor
 
 
-def check_msa_bound(x: Tensor, y: Tensor, msa: Tensor, s_a: Tensor, head_norms: Tensor,
-                    err_scale: Tensor, rtol: float = RTOL) -> MsaResult:
+def check_msa_bound(
+    x: Tensor,
+    y: Tensor,
+    msa: Tensor,
+    s_a: Tensor,
+    head_norms: Tensor,
+    err_scale: Tensor,
+    rtol: float = RTOL,
+) -> MsaResult:
     """``||HC[MSA(Y)]||_F <= sum_h s_a^h ||W_V^h W_O^h||_2 ||HC[Y]||_F`` and the residual form
     ``||HC[X + MSA(Y)]||_F <= ||HC[X]||_F + (that bound)``.
 
@@ -498,8 +520,15 @@ def check_msa_bound(x: Tensor, y: Tensor, msa: Tensor, s_a: Tensor, head_norms: 
     branch = _inequality(hc_msa, bound * hc_y, err, rtol)
     err_res = err + 4 * gamma(k) * (_fro(x) + _fro(res))
     residual = _inequality(hc_res, hc_x + bound * hc_y, err_res, rtol)
-    return MsaResult(branch, residual, hc_msa / hc_y, bound, hc_res / hc_x,
-                     (hc_x + bound * hc_y) / hc_x, hc_y / hc_x)
+    return MsaResult(
+        branch,
+        residual,
+        hc_msa / hc_y,
+        bound,
+        hc_res / hc_x,
+        (hc_x + bound * hc_y) / hc_x,
+        hc_y / hc_x,
+    )
 
 
 def attnscale(a_hat: Tensor, w: float) -> Tensor:
@@ -531,14 +560,21 @@ def attnscale_weyl(a_hat: Tensor, ws: tuple[float, ...] = ATTNSCALE_W) -> Tensor
         for w in ws:
             a2 = attnscale(g, w)
             rows.append((a2.sum(dim=-1) - 1).abs().amax(dim=-1))
-            weyl.append(_fro(double_centre(a2) - (1 + w) * c) * (1 + 2 * _U)
-                        + 2 * _U * abs(1 + w) * _fro(c))
+            weyl.append(
+                _fro(double_centre(a2) - (1 + w) * c) * (1 + 2 * _U) + 2 * _U * abs(1 + w) * _fro(c)
+            )
         out.append(torch.stack([torch.stack(weyl), torch.stack(rows)]))
     return torch.cat(out, dim=2).reshape(2, len(ws), *a_hat.shape[:-2])
 
 
-def check_attnscale_gain(a_hat: Tensor, s_a: Tensor, norm: Tensor, w: float,
-                         rtol: float = RTOL, weyl: Tensor | None = None) -> Outcome:
+def check_attnscale_gain(
+    a_hat: Tensor,
+    s_a: Tensor,
+    norm: Tensor,
+    w: float,
+    rtol: float = RTOL,
+    weyl: Tensor | None = None,
+) -> Outcome:
     """``||(I-J) A' (I-J)||_2 = (1 + w) s_a`` (float64 SVD of ``A'``) and ``A' 1 = 1``.
 
     The error is ``max(|s' - (1 + w) s_a| / ((1 + |w|) ||Â||_2), max_i |(A' 1)_i - 1|)``, allowed

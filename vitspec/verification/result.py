@@ -18,8 +18,20 @@ from vitspec.outputs import atomic_dir, read_info
 from vitspec.verification.checks import PREMISE_TOL, RECON_TOL, RTOL
 from vitspec.verification.tally import PREMISE, Tallies, Tally  # noqa: F401 (re-exported)
 
-VERIFY_COLUMNS = ["run", "model", "checkpoint", "check", "layer", "head", "cases", "violations",
-                  "max_slack", "tolerance", "status", "reason"]
+VERIFY_COLUMNS = [
+    "run",
+    "model",
+    "checkpoint",
+    "check",
+    "layer",
+    "head",
+    "cases",
+    "violations",
+    "max_slack",
+    "tolerance",
+    "status",
+    "reason",
+]
 STATUSES = ("pass", "fail", "not-applicable")
 
 #: every check in report order, with its tolerance (see docs/verify.md)
@@ -53,20 +65,28 @@ def table(tallies: Tallies, ids: dict, na: dict[tuple, str]) -> pd.DataFrame:
 
     def sort_key(key):
         check, layer, head = key
-        return (order[check], -1 if layer is None else layer,
-                -2 if head is None else (math.inf if head == -1 else head))
+        return (
+            order[check],
+            -1 if layer is None else layer,
+            -2 if head is None else (math.inf if head == -1 else head),
+        )
 
     for key in sorted(keys, key=sort_key):
         check, layer, head = key
-        row = {**ids, "check": check, "layer": layer, "head": head,
-               "tolerance": CHECKS[check]}
+        row = {**ids, "check": check, "layer": layer, "head": head, "tolerance": CHECKS[check]}
         if key in na:
-            row.update(cases=0, violations=0, max_slack=math.nan, status="not-applicable",
-                       reason=na[key])
+            row.update(
+                cases=0, violations=0, max_slack=math.nan, status="not-applicable", reason=na[key]
+            )
         else:
             t = tallies[key]
-            row.update(cases=t.cases, violations=t.violations, max_slack=t.max_slack,
-                       status="fail" if t.violations else "pass", reason="")
+            row.update(
+                cases=t.cases,
+                violations=t.violations,
+                max_slack=t.max_slack,
+                status="fail" if t.violations else "pass",
+                reason="",
+            )
         rows.append(row)
     df = pd.DataFrame(rows, columns=VERIFY_COLUMNS)
     for col in ("layer", "head"):
@@ -85,8 +105,13 @@ def summarise(df: pd.DataFrame) -> dict:
         if rows.empty:
             continue
         applicable = rows[rows["status"] != "not-applicable"]
-        status = ("fail" if (rows["status"] == "fail").any() else
-                  "pass" if not applicable.empty else "not-applicable")
+        status = (
+            "fail"
+            if (rows["status"] == "fail").any()
+            else "pass"
+            if not applicable.empty
+            else "not-applicable"
+        )
         failing = rows[rows["status"] == "fail"]
         na = rows[rows["status"] == "not-applicable"]
         checks[name] = {
@@ -167,9 +192,11 @@ class VerifyResult:
             if c["not_applicable"] and c["status"] != "not-applicable":
                 layers = layer_ranges(c.get("not_applicable_layers", []))
                 verdict += f" (n/a at {layers})" if layers else " (partly n/a)"
-            line = (f"{name:<19} {verdict:<14} cases {c['cases']:<8} "
-                    f"violations {c['violations']:<5} max slack {slack:<10} "
-                    f"tol {c['tolerance']:g}")
+            line = (
+                f"{name:<19} {verdict:<14} cases {c['cases']:<8} "
+                f"violations {c['violations']:<5} max slack {slack:<10} "
+                f"tol {c['tolerance']:g}"
+            )
             if c["failing"]:
                 line += f"  FAILS at: {', '.join(c['failing'][:6])}"
                 line += " ..." if len(c["failing"]) > 6 else ""
@@ -189,8 +216,10 @@ class VerifyResult:
     def write(self, folder: Path) -> None:
         """Write the verify files into an existing (temporary) folder."""
         self.table.to_csv(folder / "verify.csv", index=False, float_format="%.10g")
-        info = {**self.info, "figure_data": {k: v.to_dict(orient="list")
-                                             for k, v in self.figure_data.items()}}
+        info = {
+            **self.info,
+            "figure_data": {k: v.to_dict(orient="list") for k, v in self.figure_data.items()},
+        }
         text = json.dumps(_jsonable(info), indent=2, default=str, allow_nan=False)
         (folder / "verify.json").write_text(text + "\n")
 
@@ -200,10 +229,15 @@ class VerifyResult:
         out = Path(out)
         missing = [f for f in FILES if not (out / f).is_file()]
         if missing:
-            raise VitspecError(f"{out} is not a vitspec verify directory "
-                               f"(missing {', '.join(missing)})")
-        df = pd.read_csv(out / "verify.csv", dtype={"layer": "Int64", "head": "Int64"},
-                         keep_default_na=False, na_values=[""])
+            raise VitspecError(
+                f"{out} is not a vitspec verify directory (missing {', '.join(missing)})"
+            )
+        df = pd.read_csv(
+            out / "verify.csv",
+            dtype={"layer": "Int64", "head": "Int64"},
+            keep_default_na=False,
+            na_values=[""],
+        )
         df["reason"] = df["reason"].astype(object).fillna("")
         info = read_info(out / "verify.json")
         data = {k: pd.DataFrame(v) for k, v in info.pop("figure_data", {}).items()}

@@ -58,15 +58,16 @@ def logit_families(family: str, n: int, a: float, count: int, gen: torch.Generat
             half = perm[: n // 2]
             keys = torch.empty(n, dtype=torch.long)
             keys[half] = half[0]
-            keys[perm[n // 2:]] = perm[n // 2]
+            keys[perm[n // 2 :]] = perm[n // 2]
         else:
             raise ValueError(f"unknown logit family {family!r}; allowed: {', '.join(FAMILIES)}")
         p[i, rows, keys] = a
     return p
 
 
-def run_synthetic(sizes=SIZES, widths=WIDTHS, *, samples: int = SAMPLES, max_steps: int = 512,
-                  seed: int = 0) -> tuple[dict[int, Tallies], list[dict]]:
+def run_synthetic(
+    sizes=SIZES, widths=WIDTHS, *, samples: int = SAMPLES, max_steps: int = 512, seed: int = 0
+) -> tuple[dict[int, Tallies], list[dict]]:
     """Run every check on synthetic softmax matrices.
 
     Returns:
@@ -81,13 +82,22 @@ def run_synthetic(sizes=SIZES, widths=WIDTHS, *, samples: int = SAMPLES, max_ste
         tallies = out[n] = Tallies()
         pool = []
         for width in widths:
-            for family in (FAMILIES if width > 0 else FAMILIES[:1]):
+            for family in FAMILIES if width > 0 else FAMILIES[:1]:
                 a_mat = logit_families(family, n, width, samples, gen).softmax(dim=-1)
                 s_a, norm, bound, a = _group(tallies, a_mat, gen)
                 pool.append((a_mat, s_a))
-                points += [{"N": n, "family": family, "width": width, "a": a[i].item(),
-                            "s_a": s_a[i].item(), "norm": norm[i].item(),
-                            "logit_bound": bound[i].item()} for i in range(samples)]
+                points += [
+                    {
+                        "N": n,
+                        "family": family,
+                        "width": width,
+                        "a": a[i].item(),
+                        "s_a": s_a[i].item(),
+                        "norm": norm[i].item(),
+                        "logit_bound": bound[i].item(),
+                    }
+                    for i in range(samples)
+                ]
         mats = ck.renormalise(torch.cat([m for m, _ in pool]))
         gains = torch.cat([s for _, s in pool])
         res = ck.lowpass(mats, _randn(gen, mats.shape[0], n, 4), gains, max_steps)
@@ -108,8 +118,9 @@ def _group(tallies: Tallies, a_mat: Tensor, gen: torch.Generator):
     tallies.add("dc_passthrough", None, None, ck.check_dc_passthrough(a_mat, c))
     a_hat = ck.renormalise(a_mat)
     s_a = ck.hc_gain(a_hat)
-    tallies.add("hc_contraction", None, None,
-                ck.check_hc_contraction(a_hat, _randn(gen, k, n, 8), s_a))
+    tallies.add(
+        "hc_contraction", None, None, ck.check_hc_contraction(a_hat, _randn(gen, k, n, 8), s_a)
+    )
     # the worst case: the top right singular vector of (I-J) A (I-J) attains the bound
     m = double_centre(a_hat)
     v = torch.linalg.eigh(m.mT @ m).eigenvectors[..., -1:]
@@ -117,8 +128,9 @@ def _group(tallies: Tallies, a_mat: Tensor, gen: torch.Generator):
     outcome, norm, bound, a = ck.check_logit_bound(a_hat, s_a)
     tallies.add("logit_bound", None, None, outcome)
     for w in ck.ATTNSCALE_W:
-        tallies.add("attnscale_gain", None, None,
-                    ck.check_attnscale_gain(a_hat[:1], s_a[:1], norm[:1], w))
+        tallies.add(
+            "attnscale_gain", None, None, ck.check_attnscale_gain(a_hat[:1], s_a[:1], norm[:1], w)
+        )
     # msa_bound: the K matrices as the heads of one attention branch with random weights
     w_v = _randn(gen, k, CHANNELS, HEAD_DIM) / math.sqrt(CHANNELS)
     w_o = _randn(gen, k, HEAD_DIM, CHANNELS) / math.sqrt(HEAD_DIM)
@@ -126,8 +138,11 @@ def _group(tallies: Tallies, a_mat: Tensor, gen: torch.Generator):
     y = _randn(gen, 1, n, CHANNELS)
     values = torch.einsum("bnc,hcd->bhnd", y, w_v)
     msa = torch.einsum("bhnd,hdc->bnc", a_hat[None] @ values, w_o)
-    err_scale = (torch.linalg.matrix_norm(a_hat) * torch.linalg.matrix_norm(values[0])
-                 * torch.linalg.matrix_norm(w_o)).sum()[None]
+    err_scale = (
+        torch.linalg.matrix_norm(a_hat)
+        * torch.linalg.matrix_norm(values[0])
+        * torch.linalg.matrix_norm(w_o)
+    ).sum()[None]
     msa_res = ck.check_msa_bound(x, y, msa, s_a[None], ck.head_weight_norms(w_v, w_o), err_scale)
     tallies.add("msa_bound", None, None, msa_res.branch)
     tallies.add("msa_residual", None, None, msa_res.residual)
