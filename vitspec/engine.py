@@ -505,6 +505,7 @@ def _data_parallel(session: Session, consumers, workers: int, head_params: dict,
                         session.net(batch.to(dev, non_blocking=True))
                         if local.deferred is not None:
                             raise local.deferred
+                        bar.update(batch.shape[0])  # done, not merely queued
                     except BaseException as err:  # handed to the main thread
                         errors.append(err)
 
@@ -526,7 +527,6 @@ def _data_parallel(session: Session, consumers, workers: int, head_params: dict,
                     _global(session, index), batch.shape[0], image_hw, geometry, head_params
                 )
                 queues[index % workers].put((info, batch))
-                bar.update(batch.shape[0])
                 used += batch.shape[0]
                 index += 1
         finally:

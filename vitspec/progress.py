@@ -8,6 +8,7 @@ the images or every 30 s, e.g. ``64/512 images, 6.1 img/s, ETA 1m13s``, through 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -74,6 +75,7 @@ class Progress:
     ):
         self.total, self.mode, self.log, self.every_s = total, mode, log, every_s
         self.done = 0
+        self._lock = threading.Lock()
         self.start = self._last_time = time.perf_counter()
         self._last_count = 0
         self._bar = (
@@ -81,12 +83,13 @@ class Progress:
         )
 
     def update(self, n: int) -> None:
-        """``n`` more images are done."""
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(n)
-        elif self.mode == "lines" and self.log is not None and self._due():
-            self.log(self.line())
+        """``n`` more images are done (callable from several worker threads)."""
+        with self._lock:
+            self.done += n
+            if self._bar is not None:
+                self._bar.update(n)
+            elif self.mode == "lines" and self.log is not None and self._due():
+                self.log(self.line())
 
     def line(self) -> str:
         """``done/total images, rate img/s, ETA ...``."""
