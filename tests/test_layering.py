@@ -46,6 +46,7 @@ STAGES = {
     "vitspec.verification.result": 7,
     "vitspec.verification": 7,
     "vitspec.analysis": 7,
+    "vitspec.sweep": 7,
     "vitspec.merge": 7,
     "vitspec.comparison": 8,
     "vitspec.reporting": 8,

@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 _API = {
     "analyze": "vitspec.analysis",
+    "analyze_checkpoints": "vitspec.sweep",
     "compare": "vitspec.comparison",
     "ComparisonResult": "vitspec.comparison",
     "Result": "vitspec.results",

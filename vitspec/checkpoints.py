@@ -132,11 +132,13 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 27
 
 
-def _torch_load(path: Path, trust: bool) -> tuple[Any, bool]:
+def _torch_load(path: Path, trust: bool, mmap: bool = False) -> tuple[Any, bool]:
     """``torch.load`` without running code from the file (allow-list), or fully when trusted;
-    also return whether full unpickling was used."""
+    also return whether full unpickling was used. ``mmap``: map the tensors of a zip-format
+    file instead of reading them (the legacy format is read)."""
     with open(path, "rb") as f:
         magic = f.read(4)
+    lazy = {"mmap": True} if mmap and magic.startswith(b"PK") else {}
 
     def fail(exc: Exception) -> VitspecError:
         reason = short_reason(exc)
@@ -148,7 +150,7 @@ def _torch_load(path: Path, trust: bool) -> tuple[Any, bool]:
 
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True), False
+            return torch.load(path, map_location="cpu", weights_only=True, **lazy), False
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc):
             raise fail(exc) from None
@@ -161,7 +163,7 @@ def _torch_load(path: Path, trust: bool) -> tuple[Any, bool]:
             f"holds {offending}; if you trust the file, pass {option('trust_checkpoint', 'True')}"
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=False), True
+        return torch.load(path, map_location="cpu", weights_only=False, **lazy), True
     except Exception as exc:  # noqa: BLE001
         raise fail(exc) from None
 
@@ -188,7 +190,7 @@ def _top_keys(obj: Mapping) -> str:
 
 
 def read_checkpoint(
-    path: str | Path, *, ema: bool = False, trust: bool = False
+    path: str | Path, *, ema: bool = False, trust: bool = False, mmap: bool = False
 ) -> tuple[dict[str, Tensor], dict]:
     """Read a local checkpoint file into a flat state dict.
 
@@ -198,6 +200,8 @@ def read_checkpoint(
     ``_orig_mod.`` key prefixes are stripped. Regular weights are returned unless ``ema=True``
     (unlike timm's ``load_state_dict``, which silently prefers EMA weights). Files that need
     full unpickling (a pickled module, custom classes) are refused unless ``trust=True``.
+    ``mmap=True`` maps the tensors of a zip-format ``torch.save`` file instead of reading them
+    (for checks that need keys and shapes only).
 
     Returns:
         ``(state_dict, info)`` with info keys ``format`` ('state_dict' | 'model' |
@@ -239,7 +243,7 @@ def read_checkpoint(
             )
         info["format"] = "safetensors"
     else:
-        obj, info["trusted_pickle"] = _torch_load(path, trust)
+        obj, info["trusted_pickle"] = _torch_load(path, trust, mmap)
         sd, fmt, key = _unwrap(obj, path, ema)
         info["format"], info["loaded_key"] = fmt, key
     if not sd:

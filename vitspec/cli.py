@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import ast
 import glob
-import json
 import os
 import re
 import sys
 from pathlib import Path
 
 from vitspec.errors import VitspecError, cli_names
-from vitspec.outputs import OutputDir, seal
+from vitspec.outputs import OutputDir
 
-INDEX = "index.json"  # the run folders of a several-checkpoint analyze
+INDEX = "index.json"  # the run folders of a several-checkpoint analyze (vitspec.sweep)
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -83,11 +82,8 @@ def _checkpoints(values: list[str] | str | None) -> list[str]:
 
 
 def _analyze_many(args: argparse.Namespace, ckpts: list[str]) -> int:
-    """One run folder per checkpoint (named by its file stem) under --out, plus index.json."""
-    stems = [Path(c).stem for c in ckpts]
-    twice = sorted({s for s in stems if stems.count(s) > 1})
-    if twice:
-        raise VitspecError(f"--ckpt files share the stem {twice[0]!r}: run folders are named by it")
+    """One run folder per checkpoint (named by its file stem) under --out, plus index.json; the
+    model is built once and every file checked before the first analysis."""
     if args.label or args.shard:
         raise VitspecError("--label and --shard take one --ckpt (each run is labelled by its stem)")
     name = Path(args.model[3:]).name if args.model.startswith("hf:") else args.model
@@ -95,21 +91,18 @@ def _analyze_many(args: argparse.Namespace, ckpts: list[str]) -> int:
     for ckpt in ckpts:
         args.ckpt = ckpt
         _check_paths(args)
+    options = _analyze_options(args, "")
+    for key in ("ckpt", "random_init", "label", "shard"):
+        del options[key]
     with OutputDir(out, overwrite=args.overwrite, protect=[args.images, *ckpts]) as tmp:
-        from vitspec.analysis import analyze
+        from vitspec.sweep import iter_checkpoints, write_index, write_run
 
-        runs = []
-        for ckpt, stem in zip(ckpts, stems):
-            args.ckpt = ckpt
-            result = analyze(args.model, **_analyze_options(args, stem), **_messages(args))
-            (tmp / stem).mkdir()
-            result.write(tmp / stem)
-            _draw(tmp / stem, args)
-            seal(tmp / stem)
-            runs.append({"folder": stem, "run": result.info["run"], "checkpoint": ckpt})
-            _say(args, f"{ckpt}: {result.info['images']['used']} images -> {out / stem}/")
-        index = {"kind": "vitspec checkpoints", "model": args.model, "runs": runs}
-        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        results = {}
+        for stem, result in iter_checkpoints(args.model, ckpts, **options, **_messages(args)):
+            write_run(tmp, stem, result, draw=lambda folder: _draw(folder, args))
+            results[stem] = result
+            _say(args, f"{stem}: {result.info['images']['used']} images -> {out / stem}/")
+        write_index(tmp, args.model, results)
     _say(args, f"{len(ckpts)} checkpoints -> {out}/ ({INDEX} lists the run folders)")
     return 0
 
@@ -482,7 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
         "With one folder and no --out, the figures are drawn into that folder.",
     )
     p.add_argument(
-        "folders", nargs="+", metavar="DIR", help="analyze run, verify run or compare folders"
+        "folders",
+        nargs="+",
+        metavar="DIR",
+        help="analyze run, verify run or compare folders (a several-checkpoint folder: its runs)",
     )
     p.add_argument("--out", metavar="DIR", help="output folder (required with several folders)")
     p.add_argument(

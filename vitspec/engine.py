@@ -41,7 +41,7 @@ from vitspec.inputs import (
     iter_batches,
     open_images,
 )
-from vitspec.loading import LoadedModel, check_weights, load_model
+from vitspec.loading import LoadedModel, ModelCache, check_weights, load_model
 from vitspec.pipeline import Pipeline
 from vitspec.progress import Progress, choose_mode
 from vitspec.sites import OPTIONAL_SITES, RESID_POST, RESID_PRE, Unavailable
@@ -276,9 +276,12 @@ def check_request(
     return Request(dev, None)
 
 
-def load(model: str | nn.Module, weights: Weights = Weights()) -> LoadedModel:
-    """A ``LoadedModel`` from a timm name (with ``weights``) or an in-memory module (used as
-    is); ``hf:PATH`` folders are opened by :func:`open_session`."""
+def load(
+    model: str | nn.Module, weights: Weights = Weights(), cache: ModelCache | None = None
+) -> LoadedModel:
+    """A ``LoadedModel`` from a timm name (with ``weights``; the model taken from ``cache``
+    when given) or an in-memory module (used as is); ``hf:PATH`` folders are opened by
+    :func:`open_session`."""
     if isinstance(model, nn.Module):
         name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
         return LoadedModel(
@@ -288,7 +291,7 @@ def load(model: str | nn.Module, weights: Weights = Weights()) -> LoadedModel:
             checkpoint="in-memory",
             provenance={"source": "in-memory"},
         )
-    return load_model(model, **asdict(weights))
+    return load_model(model, **asdict(weights), cache=cache)
 
 
 def open_session(
@@ -300,17 +303,19 @@ def open_session(
     warn: Callable[[str], None] | None = None,
     log: Callable[[str], None] | None = None,
     request: Request | None = None,
+    cache: ModelCache | None = None,
 ) -> Session:
     """Load ``model``, find its adapter and start reading its images. Every user mistake is a
     one-line :class:`VitspecError` before any work: the checks of :func:`check_request` run
     first (pass its ``request`` when they already ran). The weights, model geometry and image
-    lines go to ``log``."""
+    lines go to ``log``. A ``cache`` (:class:`~vitspec.loading.ModelCache`) builds a model
+    name once for several sessions."""
     warn = warn or stderr_warn
     request = request or check_request(model, weights, inputs, device)
     if hf.is_hf(model):
         loaded, transform = hf.load_folder(model)
     else:
-        loaded, transform = load(model, weights), None
+        loaded, transform = load(model, weights, cache), None
     for line in loaded.provenance.get("warnings", []):
         warn(line)
     net = loaded.model.eval()

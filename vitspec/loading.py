@@ -13,6 +13,7 @@ the process environment, e.g. ``HF_HUB_OFFLINE``, is left as the user set it).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 import os
@@ -40,6 +41,8 @@ from vitspec.errors import VitspecError, option
 __all__ = [
     "ALIASES",
     "LoadedModel",
+    "ModelCache",
+    "check_checkpoint",
     "file_sha256",
     "find_cached_weights",
     "load_model",
@@ -238,6 +241,7 @@ def load_model(
     featscale_form: str | None = None,
     trust_checkpoint: bool = False,
     img_size: int | None = None,
+    cache: ModelCache | None = None,
 ) -> LoadedModel:
     """Create a timm model and load local weights into it (never downloads).
 
@@ -260,6 +264,8 @@ def load_model(
             ``model_kwargs``); a checkpoint's position embeddings are resampled to it.
         trust_checkpoint: allow full unpickling of a checkpoint that needs it (it can run code
             from the file; see :mod:`vitspec.checkpoints`); recorded in the provenance.
+        cache: a :class:`ModelCache` to take the model from (built there once, a fresh copy
+            each call) instead of building it; the result is the same.
 
     A checkpoint whose number of blocks differs from the model's, or a distilled checkpoint for a
     plain model, is refused (also with ``strict=False``): loading part of it would silently
@@ -283,7 +289,7 @@ def load_model(
         name, ckpt=ckpt, random_init=random_init, model_kwargs=model_kwargs, img_size=img_size
     )
     scaling.check_featscale_form(featscale_form)
-
+    create = cache.create if cache is not None else _create
     provenance: dict[str, Any] = {
         "source": None,
         "checkpoint_path": None,
@@ -303,7 +309,7 @@ def load_model(
         "notes": [],
     }
     if random_init:
-        model = _create(timm_name, kwargs, seed)
+        model = create(timm_name, kwargs, seed)
         _add_techniques(model, {}, timm_name, featscale_form, provenance)
         provenance["source"] = "random-init"
         provenance["num_classes"] = getattr(model, "num_classes", None)
@@ -332,6 +338,118 @@ def load_model(
         )
     provenance["checkpoint_path"] = os.path.abspath(path)
     provenance["sha256"] = file_sha256(path)
+    model, to_load = _fit(
+        sd,
+        path,
+        timm_name,
+        kwargs,
+        create,
+        seed,
+        strict,
+        featscale_form,
+        provenance,
+        user_classes="num_classes" in (model_kwargs or {}),
+    )
+    result = model.load_state_dict(to_load, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    model.float().cpu().eval()
+    provenance["num_classes"] = int(kwargs["num_classes"])
+    return LoadedModel(model, name, timm_name, path.name, provenance)
+
+
+def check_checkpoint(
+    name: str,
+    ckpt: str | Path,
+    *,
+    cache: ModelCache,
+    seed: int = 0,
+    ema: bool = False,
+    strict: bool = True,
+    model_kwargs: dict | None = None,
+    featscale_form: str | None = None,
+    trust_checkpoint: bool = False,
+    img_size: int | None = None,
+) -> None:
+    """Every check :func:`load_model` makes on ``ckpt`` (readable, safe to unpickle, EMA entry,
+    block count, keys and shapes after timm's filter, techniques), without loading the weights:
+    a bad file among several fails before any of them is analysed. Tensors are memory-mapped
+    where the format allows, so only what the checks touch is read; the model comes from
+    ``cache`` (built there once).
+
+    Example:
+        >>> import tempfile, timm, torch
+        >>> tiny = dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
+        >>> f = tempfile.NamedTemporaryFile(suffix=".pth", delete=False).name
+        >>> torch.save(timm.create_model("deit_tiny_patch16_224", **tiny).state_dict(), f)
+        >>> check_checkpoint("deit_tiny", f, cache=ModelCache(), model_kwargs=tiny) is None
+        True
+    """
+    timm_name, kwargs = check_weights(name, ckpt=ckpt, model_kwargs=model_kwargs, img_size=img_size)
+    scaling.check_featscale_form(featscale_form)
+    path = check_file(ckpt)
+    sd, _ = read_checkpoint(path, ema=ema, trust=trust_checkpoint, mmap=True)
+    provenance: dict[str, Any] = {"warnings": [], "notes": [], "techniques_added": []}
+    _fit(
+        sd,
+        path,
+        timm_name,
+        kwargs,
+        cache.create,
+        seed,
+        strict,
+        featscale_form,
+        provenance,
+        user_classes="num_classes" in (model_kwargs or {}),
+    )
+
+
+class ModelCache:
+    """Models built once and handed out as copies.
+
+    ``timm.create_model`` (module construction and weight initialisation, the expensive part)
+    runs once per architecture, name, arguments and seed; every caller gets a deep copy of
+    that fresh model, so nothing (techniques added, loaded or left-random weights, buffers,
+    hooks) carries over from one checkpoint to the next, and each copy equals a fresh build.
+
+    Example:
+        >>> cache = ModelCache()
+        >>> a = cache.create("deit_tiny_patch16_224", {"depth": 1}, 0)
+        >>> b = cache.create("deit_tiny_patch16_224", {"depth": 1}, 0)
+        >>> a is not b and torch.equal(a.pos_embed, b.pos_embed), cache.builds
+        (True, 1)
+    """
+
+    def __init__(self) -> None:
+        self._built: dict[str, torch.nn.Module] = {}
+
+    @property
+    def builds(self) -> int:
+        """How many models were built."""
+        return len(self._built)
+
+    def create(self, timm_name: str, kwargs: dict, seed: int) -> torch.nn.Module:
+        """A fresh ``timm_name`` model with ``kwargs``, initialised with ``seed``."""
+        key = repr((timm_name, sorted(kwargs.items()), seed))
+        if key not in self._built:
+            self._built[key] = _create(timm_name, kwargs, seed)
+        return copy.deepcopy(self._built[key])
+
+
+def _fit(
+    sd: dict[str, Tensor],
+    path: Path,
+    timm_name: str,
+    kwargs: dict,
+    create,
+    seed: int,
+    strict: bool,
+    featscale_form: str | None,
+    provenance: dict,
+    user_classes: bool,
+) -> tuple[torch.nn.Module, dict[str, Tensor]]:
+    """Build the model ``sd`` fits (classifier sized from it, techniques it has added), run the
+    architecture, filter and key / shape checks, and return the model and the keys to load.
+    ``kwargs`` gets the classifier size; notes and warnings go into ``provenance``."""
     warnings: list[str] = provenance["warnings"]
 
     # Size the classifier from the checkpoint (or drop the checkpoint's head if told otherwise).
@@ -351,16 +469,16 @@ def load_model(
             + ("" if int(kwargs["num_classes"]) == 0 else ", classifier left at random init")
         )
 
-    model = _create(timm_name, kwargs, seed)
+    model = create(timm_name, kwargs, seed)
     _check_architecture(sd, model, timm_name)
     raw_sd = sd
     sd, filter_name, resampled = _apply_filter(raw_sd, model, timm_name, path)
-    if head_key is None and not head_tolerated and "num_classes" not in (model_kwargs or {}):
+    if head_key is None and not head_tolerated and not user_classes:
         # the filter may have produced the head from foreign key names (e.g. OpenCLIP)
         late = next((f"{c}.weight" for c in classifiers if f"{c}.weight" in sd), None)
         if late is not None:
             kwargs["num_classes"] = int(sd[late].shape[0])
-            model = _create(timm_name, kwargs, seed)
+            model = create(timm_name, kwargs, seed)
             sd, filter_name, resampled = _apply_filter(raw_sd, model, timm_name, path)
     provenance["filter"] = filter_name
     # Resampling pos_embed to another image size is routine; anything else the filter reshaped
@@ -399,11 +517,7 @@ def load_model(
         )
     if problems:
         warnings.extend(f"strict=False: {p}" for p in problems)
-    result = model.load_state_dict(to_load, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
-    model.float().cpu().eval()
-    provenance["num_classes"] = int(kwargs["num_classes"])
-    return LoadedModel(model, name, timm_name, path.name, provenance)
+    return model, to_load
 
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")

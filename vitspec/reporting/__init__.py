@@ -84,7 +84,8 @@ def report(
     """One HTML page (and every figure as PNG + PDF) from analyze, verify and compare folders.
 
     Args:
-        folders: one folder or several (analyze runs, verify runs, compare folders, any order).
+        folders: one folder or several (analyze runs, verify runs, compare folders, any order;
+            a several-checkpoint folder of ``vitspec analyze --ckpt A B ...`` for its runs).
         out: output folder (``report.html`` plus a sub-folder of figures per input), written
             all or nothing; ``None`` with one folder draws into that folder itself.
         size: ``"column"`` (3.5 in wide) or ``"page"`` (7.16 in).

@@ -17,7 +17,7 @@ import pandas as pd
 
 from vitspec.comparison import ComparisonResult
 from vitspec.errors import VitspecError
-from vitspec.results import Result
+from vitspec.results import Result, expand_runs
 
 KINDS = {
     "analyze": ("metrics.csv", "spectra.csv", "run.json"),
@@ -76,13 +76,14 @@ def _load_verify(path: Path) -> VerifyRun:
 
 def open_folders(paths: list[str | Path]) -> list[Folder]:
     """Load every folder; labels are run names (compare: the run labels joined), made unique.
+    A several-checkpoint folder (``index.json``) stands for its run folders, in order.
 
     Example:
         >>> [f.kind for f in open_folders(["runs/a", "runs/cmp"])]  # doctest: +SKIP
         ['analyze', 'compare']
     """
     folders = []
-    for path in map(Path, paths):
+    for path in expand_runs(paths):
         kind = folder_kind(path)
         if kind == "analyze":
             data = Result.load(path)

@@ -1,0 +1,212 @@
+"""Several checkpoints in one run (vitspec.sweep): built once, every file checked first, each
+checkpoint's tables and run.json those of a separate run, even when the checkpoints change the
+model (AttnScale added, weights left at their initialisation, position embeddings resampled).
+
+The CLI's two-checkpoint run against separate runs, and compare on its folder, are in
+test_shards.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+
+import vitspec
+import vitspec.sweep
+from vitspec import analyze
+from vitspec.cli import main
+from vitspec.errors import VitspecError
+from vitspec.scaling import add_attnscale
+
+TINY = {"patch_size": 8, "depth": 2, "img_size": 32}
+OPTIONS = dict(
+    model_kwargs={"patch_size": 8, "depth": 2},
+    img_size=32,
+    num_images=3,
+    batch_size=2,
+    device="cpu",
+    metrics="hc_*,patch_cos_abs,attn_entropy,attn_spectrum",
+    warn=lambda _m: None,
+)
+TIMING = {"wall_time_s", "images_per_s", "command"}
+
+
+def _model(seed: int, **over) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", **{**TINY, **over})
+
+
+def _save(path: Path, sd: dict, seed: int) -> Path:
+    """A training checkpoint: regular weights and EMA weights that differ from them."""
+    gen = torch.Generator().manual_seed(seed)
+    ema = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in sd.items()}
+    torch.save({"model": sd, "model_ema": ema, "epoch": seed}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory) -> list[Path]:
+    """Three checkpoints that each change the model another way, in an order where any state
+    left over from the previous one would show."""
+    root = tmp_path_factory.mktemp("ckpts")
+    scaled = add_attnscale(_model(1))
+    for block in scaled.blocks:
+        block.attn.lamb.data.uniform_(-0.5, 0.5)
+    plain = _model(2, img_size=48)  # its 6x6 position embeddings are resampled to 4x4
+    partial = _model(3).state_dict()
+    del partial["blocks.1.mlp.fc2.weight"]  # left at the seeded initialisation (strict=False)
+    return [
+        _save(root / "a_attnscale.pth", scaled.state_dict(), 1),
+        _save(root / "b_plain48.pth", plain.state_dict(), 2),
+        _save(root / "c_partial.pth", partial, 3),
+    ]
+
+
+def _same(a: vitspec.Result, b: vitspec.Result) -> None:
+    """Tables: same rows and n, means to 1e-9 relative, std to 1e-6; run.json but timing."""
+    for x, y in ((a.metrics, b.metrics), (a.spectra, b.spectra)):
+        keys = [c for c in x.columns if c not in ("mean", "std")]
+        pd.testing.assert_frame_equal(x[keys], y[keys])
+        np.testing.assert_allclose(y["mean"], x["mean"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(y["std"], x["std"], rtol=1e-6, atol=1e-12)
+    drop = lambda info: {k: v for k, v in info.items() if k not in TIMING}  # noqa: E731
+    assert drop(a.info) == drop(b.info)
+
+
+def test_each_checkpoint_equals_its_separate_run_and_the_model_is_built_once(
+    series, tmp_path, monkeypatch
+):
+    builds = []
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: builds.append(a) or create(*a, **k))
+    runs = vitspec.analyze_checkpoints(
+        "vit_tiny", series, ema=True, strict=False, out=tmp_path / "many", **OPTIONS
+    )
+    assert len(builds) == 1
+    assert list(runs) == ["a_attnscale", "b_plain48", "c_partial"]
+    alone = {}
+    for ckpt in series:
+        alone[ckpt.stem] = analyze("vit_tiny", ckpt=ckpt, ema=True, strict=False, **OPTIONS)
+        _same(alone[ckpt.stem], runs[ckpt.stem])
+    assert len(builds) == 1 + len(series)
+    # the three differ in the ways that would leak into the next run
+    weights = {stem: r.info["weights"] for stem, r in runs.items()}
+    assert weights["a_attnscale"]["techniques_added"] == ["attnscale"]
+    assert weights["b_plain48"]["techniques_added"] == []
+    assert weights["b_plain48"]["pos_embed_resampled"]["from"] == [6, 6]
+    assert any("blocks.1.mlp.fc2.weight" in w for w in weights["c_partial"]["warnings"])
+    assert {r.info["weights"]["loaded_key"] for r in runs.values()} == {"model_ema"}
+    pre = runs["a_attnscale"].metrics["metric"].str.startswith("pre_")
+    assert pre.any() and not runs["b_plain48"].metrics["metric"].str.startswith("pre_").any()
+    # the saved series: one sealed run folder per checkpoint and the index
+    index = json.loads((tmp_path / "many" / "index.json").read_text())
+    assert [r["folder"] for r in index["runs"]] == list(runs)
+    assert [r["sha256"] for r in index["runs"]] == [
+        alone[s].info["weights"]["sha256"] for s in runs
+    ]
+    saved = vitspec.Result.load(tmp_path / "many" / "c_partial")
+    np.testing.assert_allclose(saved.metrics["mean"], runs["c_partial"].metrics["mean"])
+
+
+def _tiny_ckpt(path: Path, seed: int, **over) -> Path:
+    torch.save(_model(seed, **over).state_dict(), path)
+    return path
+
+
+def _cli(out: Path, *ckpts: str) -> list[str]:
+    return [
+        "analyze",
+        "vit_tiny",
+        "--model-arg",
+        "patch_size=8",
+        "--model-arg",
+        "depth=2",
+        "--img-size",
+        "32",
+        "--num-images",
+        "2",
+        "--device",
+        "cpu",
+        "--metrics",
+        "hc_*",
+        "--no-figures",
+        "--quiet",
+        "--out",
+        str(out),
+        "--ckpt",
+        *ckpts,
+    ]
+
+
+@pytest.mark.parametrize(
+    "second, says",
+    [
+        ("wide", "shape mismatches"),
+        ("deep", "checkpoint has 3 blocks"),
+        ("missing", "checkpoint not found"),
+        ("truncated", "cannot read checkpoint"),
+    ],
+)
+def test_a_bad_later_checkpoint_fails_before_the_first_analysis(
+    second, says, tmp_path, monkeypatch, capsys
+):
+    good = _tiny_ckpt(tmp_path / "good.pth", 1)
+    bad = tmp_path / f"{second}.pth"
+    if second == "wide":
+        _tiny_ckpt(bad, 2, embed_dim=96, num_heads=2)
+    elif second == "deep":
+        _tiny_ckpt(bad, 2, depth=3)
+    elif second == "truncated":
+        bad.write_bytes(good.read_bytes()[:5000])
+
+    def measure(*_a, **_k):
+        raise AssertionError("the first checkpoint's analysis started")
+
+    monkeypatch.setattr(vitspec.sweep, "_measure", measure)
+    out = tmp_path / "many"
+    assert main(_cli(out, str(good), str(bad))) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("vitspec: error: ")
+    assert bad.name in err and says in err, err
+    assert not out.exists() and list(tmp_path.glob(".many*")) == []
+    with pytest.raises(VitspecError, match=f"{second}.pth"):
+        vitspec.analyze_checkpoints("vit_tiny", [good, bad], **OPTIONS)
+
+
+def test_api_refusals():
+    with pytest.raises(VitspecError, match="share the stem 'e1'"):
+        vitspec.analyze_checkpoints("vit_tiny", ["a/e1.pth", "b/e1.pth"])
+    with pytest.raises(VitspecError, match="list of checkpoint files"):
+        vitspec.analyze_checkpoints("vit_tiny", "e1.pth")
+    with pytest.raises(VitspecError, match="timm model name"):
+        vitspec.analyze_checkpoints(torch.nn.Linear(2, 2), ["e1.pth"])
+
+
+def test_glob_series_then_compare_and_report(tmp_path, capsys):
+    for seed in (1, 2):
+        _tiny_ckpt(tmp_path / f"epoch{seed}.pth", seed)
+    many = tmp_path / "many"
+    assert main(_cli(many, str(tmp_path / "epoch*.pth"))) == 0
+    assert sorted(p.name for p in many.iterdir()) == ["epoch1", "epoch2", "index.json"]
+    runs = [json.loads((many / s / "run.json").read_text())["run"] for s in ("epoch1", "epoch2")]
+    assert runs == ["vit_tiny-epoch1", "vit_tiny-epoch2"]
+    assert main(["compare", str(many), "--out", str(tmp_path / "cmp"), "--quiet"]) == 0
+    labels = [
+        r["label"] for r in json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"]
+    ]
+    assert labels == runs
+    rep = tmp_path / "rep"
+    assert main(["report", str(many), "--out", str(rep), "--quiet"]) == 0
+    folders = json.loads((rep / "report.json").read_text())["folders"]
+    assert [(f["kind"], f["label"]) for f in folders] == [("analyze", r) for r in runs]
+    page = (rep / "report.html").read_text()
+    assert all(r in page for r in runs)
+    capsys.readouterr()
+    assert main(["report", str(many)]) == 2  # several runs: the page needs its own folder
+    assert "--out" in capsys.readouterr().err
