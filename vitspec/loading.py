@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import inspect
 import os
 import re
@@ -374,7 +375,9 @@ def check_checkpoint(
     block count, keys and shapes after timm's filter, techniques), without loading the weights:
     a bad file among several fails before any of them is analysed. Tensors are memory-mapped
     where the format allows, so only what the checks touch is read; the model comes from
-    ``cache`` (built there once).
+    ``cache`` (built there once), as a copy on the meta device (shapes, no data), asked again
+    with a real copy when the meta copy finds a problem (a filter that reads the model's values
+    fails there), so the verdict is that of :func:`load_model`.
 
     Example:
         >>> import tempfile, timm, torch
@@ -388,19 +391,24 @@ def check_checkpoint(
     scaling.check_featscale_form(featscale_form)
     path = check_file(ckpt)
     sd, _ = read_checkpoint(path, ema=ema, trust=trust_checkpoint, mmap=True)
-    provenance: dict[str, Any] = {"warnings": [], "notes": [], "techniques_added": []}
-    _fit(
-        sd,
-        path,
-        timm_name,
-        kwargs,
-        cache.create,
-        seed,
-        strict,
-        featscale_form,
-        provenance,
-        user_classes="num_classes" in (model_kwargs or {}),
-    )
+    for meta in (True, False):
+        try:
+            _fit(
+                sd,
+                path,
+                timm_name,
+                dict(kwargs),
+                functools.partial(cache.create, meta=meta),
+                seed,
+                strict,
+                featscale_form,
+                {"warnings": [], "notes": [], "techniques_added": []},
+                user_classes="num_classes" in (model_kwargs or {}),
+            )
+            return
+        except Exception:  # noqa: BLE001 - the real copy's verdict (or error) stands
+            if not meta:
+                raise
 
 
 class ModelCache:
@@ -427,12 +435,23 @@ class ModelCache:
         """How many models were built."""
         return len(self._built)
 
-    def create(self, timm_name: str, kwargs: dict, seed: int) -> torch.nn.Module:
-        """A fresh ``timm_name`` model with ``kwargs``, initialised with ``seed``."""
+    def create(
+        self, timm_name: str, kwargs: dict, seed: int, meta: bool = False
+    ) -> torch.nn.Module:
+        """A fresh ``timm_name`` model with ``kwargs``, initialised with ``seed``; with
+        ``meta``, its parameters and buffers on the meta device (shapes only, no copy)."""
         key = repr((timm_name, sorted(kwargs.items()), seed))
         if key not in self._built:
             self._built[key] = _create(timm_name, kwargs, seed)
-        return copy.deepcopy(self._built[key])
+        built = self._built[key]
+        memo: dict[int, Tensor] = {}
+        if meta:
+            for t in [*built.parameters(), *built.buffers()]:
+                twin = torch.empty_like(t, device="meta")
+                if isinstance(t, torch.nn.Parameter):
+                    twin = torch.nn.Parameter(twin, requires_grad=t.requires_grad)
+                memo[id(t)] = twin
+        return copy.deepcopy(built, memo)
 
 
 def _fit(
