@@ -96,6 +96,8 @@ def iter_checkpoints(
     for ckpt in ckpts:
         with _naming(ckpt):
             check_checkpoint(model, ckpt, cache=cache, **common)
+    if log is not None:
+        log(f"{len(ckpts)} checkpoints fit {model}: the model is built once, copied for each")
     for ckpt, w in zip(ckpts, weights):
         # the listed images afresh for each run: iterating fills their used / skipped lists
         listed = request.image_set
