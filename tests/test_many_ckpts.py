@@ -191,11 +191,18 @@ def test_api_refusals():
 def test_glob_series_then_compare_and_report(tmp_path, capsys):
     for seed in (1, 2):
         _tiny_ckpt(tmp_path / f"epoch{seed}.pth", seed)
-    many = tmp_path / "many"
-    assert main(_cli(many, str(tmp_path / "epoch*.pth"))) == 0
+    many, alone = tmp_path / "many", tmp_path / "alone"
+    draw = ["--sample", "random", "--sample-seed", "3"]
+    assert main([*_cli(many, str(tmp_path / "epoch*.pth")), *draw]) == 0
     assert sorted(p.name for p in many.iterdir()) == ["epoch1", "epoch2", "index.json"]
-    runs = [json.loads((many / s / "run.json").read_text())["run"] for s in ("epoch1", "epoch2")]
+    infos = [json.loads((many / s / "run.json").read_text()) for s in ("epoch1", "epoch2")]
+    runs = [info["run"] for info in infos]
     assert runs == ["vit_tiny-epoch1", "vit_tiny-epoch2"]
+    # the random draw of images is the same for each checkpoint and for a separate run
+    assert main([*_cli(alone, str(tmp_path / "epoch2.pth")), *draw]) == 0
+    files = json.loads((alone / "run.json").read_text())["images"]["files"]
+    assert [info["images"]["files"] for info in infos] == [files, files]
+    assert len(files) == 2 and files != ["astronaut.jpg", "chelsea.jpg"]  # not the first two
     assert main(["compare", str(many), "--out", str(tmp_path / "cmp"), "--quiet"]) == 0
     labels = [
         r["label"] for r in json.loads((tmp_path / "cmp" / "compare.json").read_text())["runs"]
@@ -210,3 +217,21 @@ def test_glob_series_then_compare_and_report(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(many)]) == 2  # several runs: the page needs its own folder
     assert "--out" in capsys.readouterr().err
+
+
+def test_a_filter_that_reads_the_model_s_values_is_asked_with_a_real_copy(tmp_path, monkeypatch):
+    """The checks run on a meta-device copy; a filter that needs values fails there, and the
+    real copy's verdict stands (a pass here; the shape error in the test above)."""
+    import vitspec.loading as loading
+
+    seen = []
+
+    def reads_values(sd, model):
+        seen.append(model.pos_embed.device.type)
+        return {**sd, "cls_token": sd["cls_token"] + 0 * model.pos_embed.detach().sum().item()}
+
+    monkeypatch.setattr(loading, "_filter_fn", lambda *_: reads_values)
+    ckpt = _tiny_ckpt(tmp_path / "e1.pth", 1)
+    cache = loading.ModelCache()
+    loading.check_checkpoint("vit_tiny", ckpt, cache=cache, model_kwargs=TINY)
+    assert seen == ["meta", "cpu"] and cache.builds == 1
