@@ -288,9 +288,10 @@ def _verify(args: argparse.Namespace) -> int:
         result = verify(args.model, **options, **_messages(args))
         result.write(tmp)
         _draw(tmp, args)
-    return _verdict(
-        args, result, out, f"shard {shard} (state.pt for vitspec merge)" if shard else ""
-    )
+    part = ""
+    if shard:
+        part = f"shard {shard}, {result.info['images']['used']} images (state.pt for vitspec merge)"
+    return _verdict(args, result, out, part)
 
 
 def _verdict(args: argparse.Namespace, result, out: Path, what: str) -> int:

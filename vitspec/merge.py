@@ -86,8 +86,8 @@ def merge_runs(
         if len(kinds) > 1:
             (a, first), (b, other) = kinds.items()
             raise VitspecError(
-                f"{first} is an {a} shard and {other} a {b} shard: merge folds the shards of "
-                "one command"
+                f"{first} is a shard of vitspec {a} and {other} of vitspec {b}: merge folds "
+                "the shards of one command"
             )
         info = read_info(path / manifest)
         info["_folder"] = str(path)
