@@ -15,9 +15,11 @@ import pytest
 import timm
 import torch
 
+import vitspec.engine
 from vitspec.cli import main
 from vitspec.errors import VitspecError
 from vitspec.merge import merge_runs
+from vitspec.results import Result
 from vitspec.shards import STATE_FILE
 from vitspec.verification import verify
 from vitspec.verification.merge import merge_verify_parts
@@ -87,28 +89,36 @@ def test_a_shard_without_batches_merges(tmp_path):
     _same_folder(one, tmp_path / "all")
 
 
-def _tiny_module(post_softmax_mix: bool) -> torch.nn.Module:
-    """A tiny ViT; with ``post_softmax_mix`` block 2's heads are mixed after the softmax (as in
-    CaiT), so its maps are not row-stochastic and the dependent checks become not-applicable."""
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", patch_size=8, depth=3, img_size=32)
-    if post_softmax_mix:
-        attn = model.blocks[1].attn
-        mix = torch.eye(attn.num_heads) + 0.3
+def test_an_analyze_shard_without_batches_merges(tmp_path):
+    argv = ["analyze", "vit_tiny", "--random-init", *TINY, *COMMON, "--num-images", "2"]
+    for k in (0, 1):
+        assert main([*argv, "--shard", f"{k}/2", "--out", str(tmp_path / f"s{k}")]) == 0
+    merged = merge_runs([tmp_path / "s0", tmp_path / "s1"])
+    assert merged.info["images"]["used"] == 2 and merged.info["grid"] == [4, 4]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    one = Result.load(tmp_path / "one")
+    pd.testing.assert_frame_equal(merged.metrics, one.metrics, check_exact=False, rtol=1e-9)
 
-        def forward(x, attn_mask=None, is_causal=False):
-            b, n, c = x.shape
-            q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-            a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
-            a = attn.attn_drop(torch.einsum("gh,bhnm->bgnm", mix, a))
-            return attn.proj((a @ v).transpose(1, 2).reshape(b, n, c))
 
-        attn.forward = forward
-    return model.eval()
+def _mix_heads(attn: torch.nn.Module) -> None:
+    """Mix a timm Attention's heads after the softmax (as CaiT does): its maps are no longer
+    row-stochastic, so row_stochastic fails there and the dependent checks are not applicable."""
+    mix = torch.eye(attn.num_heads) + 0.3
+
+    def forward(x, attn_mask=None, is_causal=False):
+        b, n, c = x.shape
+        q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+        a = attn.attn_drop(torch.einsum("gh,bhnm->bgnm", mix, a))
+        return attn.proj((a @ v).transpose(1, 2).reshape(b, n, c))
+
+    attn.forward = forward
 
 
 def test_not_applicable_rows_and_reasons_merge_exactly():
-    model = _tiny_module(post_softmax_mix=True)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", patch_size=8, depth=3, img_size=32).eval()
+    _mix_heads(model.blocks[1].attn)
     kw = dict(num_images=5, batch_size=2, device="cpu", max_steps=64, warn=lambda _: None)
     one = verify(model, threads=2, **kw)  # two worker threads, merged in the run
     parts = [verify(model, threads=1, shard=f"{k}/2", **kw) for k in (1, 0)]
@@ -118,6 +128,25 @@ def test_not_applicable_rows_and_reasons_merge_exactly():
     assert len(na) and na["reason"].str.contains("in batch 1,").all()  # the run's first batch
     assert merged.info["summary"] == one.info["summary"]
     assert merged.info["summary"]["failed_checks"] == ["row_stochastic"]
+
+
+def test_merge_of_failing_verify_shards_exits_1(tmp_path, monkeypatch, capsys):
+    real = vitspec.engine.load_model
+
+    def load_model(name, **kw):
+        loaded = real(name, **kw)
+        _mix_heads(loaded.model.blocks[1].attn)
+        return loaded
+
+    monkeypatch.setattr(vitspec.engine, "load_model", load_model)
+    parts = [tmp_path / f"s{k}" for k in (0, 1)]
+    argv = ["verify", "vit_tiny", "--random-init", *TINY, *COMMON, "--max-steps", "64"]
+    for k, part in enumerate(parts):
+        assert main([*argv, "--shard", f"{k}/2", "--out", str(part)]) == 1
+    capsys.readouterr()
+    assert main(["merge", *map(str, parts), "--out", str(tmp_path / "all"), "--no-figures"]) == 1
+    err = capsys.readouterr().err
+    assert "FAIL: row_stochastic" in err and "layer 2 head 0" in err
 
 
 def test_reasons_keep_the_earliest_batch_and_the_state_round_trips():
@@ -146,6 +175,9 @@ def test_merge_refuses_other_options_overlaps_missing_parts_and_analyze_shards(t
     other = _verify(tmp_path / "o1", "--shard", "1/2", "--max-steps", "64")
     with pytest.raises(VitspecError, match="shards differ in max_steps"):
         merge_runs([s0, other])
+    larger = _verify(tmp_path / "l1", "--shard", "1/2", "--img-size", "48")
+    with pytest.raises(VitspecError, match="shards differ in stages"):
+        merge_runs([s0, larger])
     with pytest.raises(VitspecError, match="given twice"):
         merge_runs([s0, s0, s1])
     with pytest.raises(VitspecError, match="1/2 are missing"):

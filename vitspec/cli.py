@@ -117,12 +117,13 @@ def _analyze_many(args: argparse.Namespace, ckpts: list[str]) -> int:
 def _merge(args: argparse.Namespace) -> int:
     with OutputDir(args.out, overwrite=args.overwrite, protect=args.shard_dirs) as tmp:
         from vitspec.merge import merge_runs
+        from vitspec.verification.result import VerifyResult
 
         result = merge_runs(args.shard_dirs)
         result.write(tmp)
         _draw(tmp, args)
     used = result.info["images"]["used"]
-    if hasattr(result, "summary_lines"):  # verify shards: the verdict of the merged run
+    if isinstance(result, VerifyResult):  # verify shards: the verdict of the merged run
         return _verdict(
             args, result, Path(args.out), f"{len(args.shard_dirs)} shards, {used} images"
         )

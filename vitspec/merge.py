@@ -46,7 +46,6 @@ SAME = (
     "depth",
     "sites",
     "metrics",
-    "grid",
     "images.source",
     "images.requested",
     "images.sample",
@@ -55,6 +54,9 @@ SAME = (
     "shard.count",
     "dtype",
 )
+# run.json fields of the images' geometry, compared among the shards that saw images (a shard
+# without a batch has none)
+GEOMETRY = ("grid",)
 
 
 # the manifest of each command whose shards merge
@@ -139,9 +141,11 @@ def _get(info: dict, dotted: str):
     return info
 
 
-def check_shards(infos: list[dict], same: Sequence[str] = SAME) -> None:
-    """Same run (the fields ``same`` agree), every shard once, disjoint images; else a one-line
-    :class:`VitspecError`.
+def check_shards(
+    infos: list[dict], same: Sequence[str] = SAME, geometry: Sequence[str] = GEOMETRY
+) -> None:
+    """Same run (the fields ``same`` agree, and ``geometry`` among the shards that saw
+    images), every shard once, disjoint images; else a one-line :class:`VitspecError`.
 
     Example:
         >>> check_shards([{"shard": {"index": 0, "count": 1, "images": [0, 1]}}])
@@ -150,16 +154,9 @@ def check_shards(infos: list[dict], same: Sequence[str] = SAME) -> None:
         if "shard" not in info:
             where = info.get("_folder", "a run")
             raise VitspecError(f"{where} is not a shard (it was not run with --shard K/N)")
+    _agree(infos, same)
+    _agree([info for info in infos if _get(info, "images.used") != 0], geometry)
     first = infos[0]
-    for info in infos[1:]:
-        for key in same:
-            if _get(info, key) != _get(first, key):
-                raise VitspecError(
-                    f"shards differ in {key}: {_get(first, key)!r} "
-                    f"({first.get('_folder', 'shard ' + str(first['shard']['index']))}) vs "
-                    f"{_get(info, key)!r} ({info.get('_folder', info['shard']['index'])}); "
-                    "only shards of one run merge"
-                )
     count = first["shard"]["count"]
     seen: dict[int, str] = {}
     images: set[int] = set()
@@ -179,6 +176,20 @@ def check_shards(infos: list[dict], same: Sequence[str] = SAME) -> None:
             f"shards {', '.join(f'{k}/{count}' for k in missing)} are missing; "
             f"merge needs all {count}"
         )
+
+
+def _agree(infos: list[dict], keys: Sequence[str]) -> None:
+    """The fields ``keys`` (dotted paths) are equal in every one of ``infos``."""
+    first = infos[0] if infos else None
+    for info in infos[1:]:
+        for key in keys:
+            if _get(info, key) != _get(first, key):
+                raise VitspecError(
+                    f"shards differ in {key}: {_get(first, key)!r} "
+                    f"({first.get('_folder', 'shard ' + str(first['shard']['index']))}) vs "
+                    f"{_get(info, key)!r} ({info.get('_folder', info['shard']['index'])}); "
+                    "only shards of one run merge"
+                )
 
 
 def _merged_info(infos: list[dict], attn: Collector) -> dict:

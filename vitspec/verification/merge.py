@@ -20,10 +20,12 @@ from vitspec.merge import SAME, check_shards, merged_info
 from vitspec.verification.result import VerifyResult, summarise, table
 from vitspec.verification.state import VerifierState
 
-__all__ = ["VERIFY_SAME", "merge_verify_parts", "shard_state", "unavailable"]
+__all__ = ["VERIFY_GEOMETRY", "VERIFY_SAME", "merge_verify_parts", "shard_state", "unavailable"]
 
-#: verify.json fields every shard of one verify run shares (dotted paths)
+#: verify.json fields every shard of one verify run shares (dotted paths), and those of the
+#: images' geometry (compared among the shards that saw images)
 VERIFY_SAME = (*SAME, "seed", "max_steps", "tolerances")
+VERIFY_GEOMETRY = ("stages", "tokens")
 
 SHAPES = "checks at layer "  # the unavailable entries the verifier's state adds
 
@@ -61,7 +63,7 @@ def merge_verify_parts(parts: Sequence[tuple[dict, dict]]) -> VerifyResult:
         >>> merge_verify_parts([(info0, state0), (info1, state1)])  # doctest: +SKIP
     """
     infos = [info for info, _ in parts]
-    check_shards(infos, VERIFY_SAME)
+    check_shards(infos, VERIFY_SAME, VERIFY_GEOMETRY)
     for info, state in parts:
         if "verifier" not in state:
             where = info.get("_folder", f"rank {info['shard']['index']}")
