@@ -226,3 +226,24 @@ def test_torchrun_two_ranks_equal_one_process(whole, tmp_path):
     assert info["distributed"] == {"world_size": 2, "backend": "gloo"}
     assert [s["index"] for s in info["shards"]] == [0, 1]
     assert not (out / STATE_FILE).exists()
+
+
+def test_head_norms_do_not_depend_on_the_thread_count():
+    """LAPACK rounds the QR / SVD of the head weights differently with more threads; the verifier
+    computes them on one thread, so one process, shards and ranks agree to the bit."""
+    from vitspec.adapters import get_adapter
+    from vitspec.verification.model import ModelVerifier
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224").eval()
+    adapter = get_adapter(model, "deit_small_patch16_224")
+    saved, norms = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            v = ModelVerifier(adapter, torch.device("cpu"))
+            norms.append(torch.stack([v.weights[layer].head_norms for layer in range(1, 13)]))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(norms[0], norms[1])

@@ -67,10 +67,18 @@ class BlockChecks(VerifierState):
         self.device = device
         self.weights: dict[int, BranchWeights | None] = {}
         reasons: dict[int, str | None] = {}
-        for layer in range(1, adapter.depth + 1):
-            self.weights[layer], why = branch_weights(adapter, layer, device)
-            w = self.weights[layer]
-            reasons[layer] = (why if w is None else w.msa_reason) or None
+        # one intra-op thread, as the checks of every batch: LAPACK's QR and SVD round the head
+        # norms differently with more threads, and the run must not depend on its thread count
+        # (threads, shards and torchrun ranks give the same bits)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for layer in range(1, adapter.depth + 1):
+                self.weights[layer], why = branch_weights(adapter, layer, device)
+                w = self.weights[layer]
+                reasons[layer] = (why if w is None else w.msa_reason) or None
+        finally:
+            torch.set_num_threads(threads)
         super().__init__(adapter.depth, max_steps, seed, reasons)
         self.batch = 0  # batches started by this verifier
         self.index = 0  # the run's index of the batch being checked
