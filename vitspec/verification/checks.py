@@ -555,14 +555,18 @@ def attnscale_weyl(a_hat: Tensor, ws: tuple[float, ...] = ATTNSCALE_W) -> Tensor
     """
     out = []
     for g in map_groups(a_hat.to(torch.float64)):
+        n = g.shape[-1]
         c = double_centre(g)
+        fro_c = _fro(c)
         weyl, rows = [], []
         for w in ws:
-            a2 = attnscale(g, w)
+            # attnscale(g, w) and double_centre of it, with the same roundings, in two buffers
+            a2 = (g - 1.0 / n).mul_(1 + w).add_(1.0 / n)
             rows.append((a2.sum(dim=-1) - 1).abs().amax(dim=-1))
-            weyl.append(
-                _fro(double_centre(a2) - (1 + w) * c) * (1 + 2 * _U) + 2 * _U * abs(1 + w) * _fro(c)
-            )
+            row = a2.mean(dim=-1, keepdim=True)
+            d = (a2 - a2.mean(dim=-2, keepdim=True)).sub_(row - row.mean(dim=-2, keepdim=True))
+            # d - (1 + w) c in one pass: its rounding is at most that of the two-step form
+            weyl.append(_fro(d.sub_(c, alpha=1 + w)) * (1 + 2 * _U) + 2 * _U * abs(1 + w) * fro_c)
         out.append(torch.stack([torch.stack(weyl), torch.stack(rows)]))
     return torch.cat(out, dim=2).reshape(2, len(ws), *a_hat.shape[:-2])
 
