@@ -254,16 +254,23 @@ def distributed_device(device: str, warn: Callable[[str], None] | None = None) -
 
 
 def gather_ranks(result, merge: Callable[[Sequence[tuple[dict, dict]]], object] = merge_parts):
-    """Under torchrun: every rank's (manifest, state) to rank 0, once (gloo on CPU, NCCL
-    object collectives on CUDA); rank 0 gets the run ``merge`` folds from them (analyze's
-    :func:`merge_parts` by default), the others their own part."""
+    """Under torchrun: every rank's (manifest, state) to rank 0, once; rank 0 gets the run
+    ``merge`` folds from them (analyze's :func:`merge_parts` by default), the others their own
+    part.
+
+    The states are small CPU objects, so the gather runs on gloo even when the ranks compute on
+    GPUs (no GPU collective, no NCCL device binding, and the same path on one node or many). A
+    process group the caller has already started is used as it is (with NCCL, on this rank's
+    GPU)."""
     import torch.distributed as dist
 
     owned = not dist.is_initialized()
     if owned:
-        dev = result.info.get("device", "cpu")
-        dist.init_process_group("nccl" if str(dev).startswith("cuda") else "gloo")
+        dist.init_process_group("gloo")
     try:
+        backend = str(dist.get_backend())
+        if backend == "nccl":  # gather_object stages the objects on the current device
+            torch.cuda.set_device(torch.device(result.info.get("device", "cuda")))
         rank = dist.get_rank()
         objects = [None] * dist.get_world_size() if rank == 0 else None
         dist.gather_object((result.info, result.state), objects, dst=0)
@@ -273,6 +280,5 @@ def gather_ranks(result, merge: Callable[[Sequence[tuple[dict, dict]]], object] 
     if rank != 0:
         return result
     merged = merge(objects)
-    backend = "nccl" if str(result.info.get("device", "cpu")).startswith("cuda") else "gloo"
     merged.info["distributed"] = {"world_size": len(objects), "backend": backend}
     return merged
