@@ -26,7 +26,7 @@ from vitspec.metrics import MetricSpec, list_metrics
 from vitspec.outputs import OutputDir
 from vitspec.results import METRIC_COLUMNS, SPECTRA_COLUMNS, Result, moments_frame, validate
 from vitspec.scaling import techniques
-from vitspec.shards import ShardBatches, distributed_shard, parse_shard, plain_state
+from vitspec.shards import ShardBatches, distributed_shard, parse_shard, plain_state, shard_total
 from vitspec.sites import Unavailable
 
 
@@ -172,7 +172,7 @@ def analyze(
         )
         if part is not None:
             session.batches = ShardBatches(session.batches, part)
-            session.total = _shard_total(session.total, batch_size, part)
+            session.total = shard_total(session.total, batch_size, part)
         result = _measure(
             session,
             specs,
@@ -189,14 +189,6 @@ def analyze(
         if tmp is not None:
             result.write(tmp)
     return result
-
-
-def _shard_total(total: int | None, batch_size: int, part) -> int | None:
-    """Images in ``part``'s batches when no file is skipped (for the progress display)."""
-    if total is None:
-        return None
-    sizes = [min(batch_size, total - b * batch_size) for b in range(-(-total // batch_size))]
-    return sum(size for b, size in enumerate(sizes) if part.owns(b))
 
 
 def _measure(

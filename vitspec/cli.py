@@ -110,14 +110,17 @@ def _analyze_many(args: argparse.Namespace, ckpts: list[str]) -> int:
 def _merge(args: argparse.Namespace) -> int:
     with OutputDir(args.out, overwrite=args.overwrite, protect=args.shard_dirs) as tmp:
         from vitspec.merge import merge_runs
+        from vitspec.verification.result import VerifyResult
 
         result = merge_runs(args.shard_dirs)
         result.write(tmp)
         _draw(tmp, args)
-    _say(
-        args,
-        f"{len(args.shard_dirs)} shards, {result.info['images']['used']} images -> {args.out}/",
-    )
+    used = result.info["images"]["used"]
+    if isinstance(result, VerifyResult):  # verify shards: the verdict of the merged run
+        return _verdict(
+            args, result, Path(args.out), f"{len(args.shard_dirs)} shards, {used} images"
+        )
+    _say(args, f"{len(args.shard_dirs)} shards, {used} images -> {args.out}/")
     return 0
 
 
@@ -253,23 +256,40 @@ def _verify(args: argparse.Namespace) -> int:
         or (f"runs/verify-{label}" if args.synthetic else f"runs/verify-{args.model}-{label}")
     )
     _check_paths(args)
+    from vitspec.shards import distributed_shard, parse_shard
+
+    shard = parse_shard(args.shard)  # a bad K/N fails before the model is built
+    options = dict(
+        synthetic=args.synthetic,
+        **_weights(args),
+        **_inputs(args),
+        device=args.device,
+        label=args.label,
+        max_steps=args.max_steps,
+        sizes=sizes,
+        threads=args.threads,
+        shard=shard,
+    )
+    rank = distributed_shard()
+    if rank is not None and rank.index != 0 and not args.synthetic:  # rank 0 writes the run
+        from vitspec.verification import verify
+
+        verify(args.model, **options, **_messages(args, quiet=True))
+        return 0
     with OutputDir(out, overwrite=args.overwrite, protect=[args.images]) as tmp:
         from vitspec.verification import verify
 
-        result = verify(
-            args.model,
-            synthetic=args.synthetic,
-            **_weights(args),
-            **_inputs(args),
-            device=args.device,
-            label=args.label,
-            max_steps=args.max_steps,
-            sizes=sizes,
-            threads=args.threads,
-            **_messages(args),
-        )
+        result = verify(args.model, **options, **_messages(args))
         result.write(tmp)
         _draw(tmp, args)
+    part = ""
+    if shard:
+        part = f"shard {shard}, {result.info['images']['used']} images (state.pt for vitspec merge)"
+    return _verdict(args, result, out, part)
+
+
+def _verdict(args: argparse.Namespace, result, out: Path, what: str) -> int:
+    """verify's summary lines and exit code: 1 when a check fails, else 0."""
     for line in result.summary_lines(None if not args.quiet else "fail"):
         print(f"vitspec: {line}", file=sys.stderr)
     failed = result.info["summary"]["failed_checks"]
@@ -282,8 +302,8 @@ def _verify(args: argparse.Namespace) -> int:
         return 1
     _say(
         args,
-        f"every applicable check passes -> {out}/ (verify.csv, verify.json"
-        f"{', figures' if not args.no_figures else ''})",
+        f"{what + ': ' if what else ''}every applicable check passes -> {out}/ (verify.csv, "
+        f"verify.json{', figures' if not args.no_figures else ''})",
     )
     return 0
 
@@ -360,9 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "merge",
-        help="fold 'analyze --shard K/N' folders into one run folder",
-        description="Merge the shards of one analysis (every K of N, same model, weights, "
-        "options and images) into the run folder a one-process run writes.",
+        help="fold 'analyze --shard K/N' (or 'verify --shard K/N') folders into one folder",
+        description="Merge the shards of one analysis or one verify run (every K of N, same "
+        "model, weights, options and images) into the folder a one-process run writes. For "
+        "verify shards the exit code is verify's: 1 when a check fails.",
     )
     p.add_argument("shard_dirs", nargs="+", metavar="DIR", help="shard run folders")
     p.add_argument("--out", required=True, metavar="DIR", help="the merged run folder")
@@ -462,6 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", help="output directory (default: runs/verify-<model>-<label>)"
     )
     p.add_argument("--label", help="run label (default: checkpoint file stem or random-init)")
+    p.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="check part K of N of the images (batches b with b mod N = K) and save state.pt "
+        "for 'vitspec merge'; under torchrun every rank is a shard by itself",
+    )
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.add_argument("--no-figures", action="store_true", help="write the tables only")
     _add_common(p)

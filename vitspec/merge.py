@@ -1,6 +1,7 @@
-"""Fold the shards of one analysis into the run one process would have written.
+"""Fold the shards of one analysis (or verify run) into the folder one process would have written.
 
-``vitspec merge DIR... --out DIR`` reads shard folders (``analyze --shard K/N``);
+``vitspec merge DIR... --out DIR`` reads shard folders (``analyze --shard K/N``, or
+``verify --shard K/N``: :mod:`vitspec.verification.merge`);
 :func:`gather_ranks` does the same in memory under ``torchrun`` (the ranks' fixed-size states
 are gathered once, to rank 0). Shards of different models, checkpoints, options or image
 selections, overlapping shards and incomplete sets are refused with one line naming the
@@ -22,7 +23,14 @@ from vitspec.outputs import read_info
 from vitspec.results import METRIC_COLUMNS, SPECTRA_COLUMNS, Result, moments_frame, validate
 from vitspec.shards import collector_state, load_state
 
-__all__ = ["distributed_device", "gather_ranks", "merge_parts", "merge_runs"]
+__all__ = [
+    "check_shards",
+    "distributed_device",
+    "gather_ranks",
+    "merge_parts",
+    "merge_runs",
+    "merged_info",
+]
 
 # run.json fields every shard of one run shares (dotted paths)
 SAME = (
@@ -38,7 +46,6 @@ SAME = (
     "depth",
     "sites",
     "metrics",
-    "grid",
     "images.source",
     "images.requested",
     "images.sample",
@@ -47,6 +54,13 @@ SAME = (
     "shard.count",
     "dtype",
 )
+# run.json fields of the images' geometry, compared among the shards that saw images (a shard
+# without a batch has none)
+GEOMETRY = ("grid",)
+
+
+# the manifest of each command whose shards merge
+MANIFESTS = {"run.json": "analyze", "verify.json": "verify"}
 
 
 def merge_runs(
@@ -54,23 +68,38 @@ def merge_runs(
     out: str | Path | None = None,
     *,
     overwrite: bool = False,
-) -> Result:
-    """Merge shard folders into one run (written to ``out`` when given).
+):
+    """Merge shard folders into one run (written to ``out`` when given): a :class:`Result`
+    for ``analyze --shard`` folders, a :class:`~vitspec.verification.VerifyResult` for
+    ``verify --shard`` folders (the two kinds do not mix).
 
     Example:
         >>> merge_runs(["runs/s0", "runs/s1"], "runs/all")  # doctest: +SKIP
     """
     if len(run_dirs) < 1:
-        raise VitspecError("merge needs the shard folders (analyze --shard K/N outputs)")
-    parts = []
+        raise VitspecError("merge needs the shard folders (analyze or verify --shard K/N outputs)")
+    parts, kinds = [], {}
     for folder in run_dirs:
         path = Path(folder)
-        if not (path / "run.json").is_file():
-            raise VitspecError(f"{folder} is not a vitspec run folder (no run.json)")
-        info = read_info(path / "run.json")
+        manifest = next((m for m in MANIFESTS if (path / m).is_file()), None)
+        if manifest is None:
+            raise VitspecError(f"{folder} is not a vitspec run folder (no run.json or verify.json)")
+        kinds.setdefault(MANIFESTS[manifest], folder)
+        if len(kinds) > 1:
+            (a, first), (b, other) = kinds.items()
+            raise VitspecError(
+                f"{first} is a shard of vitspec {a} and {other} of vitspec {b}: merge folds "
+                "the shards of one command"
+            )
+        info = read_info(path / manifest)
         info["_folder"] = str(path)
         parts.append((info, load_state(path)))
-    result = merge_parts(parts)
+    if "verify" in kinds:
+        from vitspec.verification.merge import merge_verify_parts
+
+        result = merge_verify_parts(parts)
+    else:
+        result = merge_parts(parts)
     if out is not None:
         result.save(out, overwrite=overwrite)
     return result
@@ -79,7 +108,7 @@ def merge_runs(
 def merge_parts(parts: Sequence[tuple[dict, dict]]) -> Result:
     """``(run.json, state)`` of every shard -> the one-process :class:`Result`."""
     infos = [info for info, _ in parts]
-    _check(infos)
+    check_shards(infos)
     order = sorted(range(len(parts)), key=lambda i: infos[i]["shard"]["index"])
     first = infos[order[0]]
     names = first["metrics"]
@@ -112,22 +141,22 @@ def _get(info: dict, dotted: str):
     return info
 
 
-def _check(infos: list[dict]) -> None:
-    """Same run, every shard once, disjoint images."""
+def check_shards(
+    infos: list[dict], same: Sequence[str] = SAME, geometry: Sequence[str] = GEOMETRY
+) -> None:
+    """Same run (the fields ``same`` agree, and ``geometry`` among the shards that saw
+    images), every shard once, disjoint images; else a one-line :class:`VitspecError`.
+
+    Example:
+        >>> check_shards([{"shard": {"index": 0, "count": 1, "images": [0, 1]}}])
+    """
     for info in infos:
         if "shard" not in info:
             where = info.get("_folder", "a run")
             raise VitspecError(f"{where} is not a shard (it was not run with --shard K/N)")
+    _agree(infos, same)
+    _agree([info for info in infos if _get(info, "images.used") != 0], geometry)
     first = infos[0]
-    for info in infos[1:]:
-        for key in SAME:
-            if _get(info, key) != _get(first, key):
-                raise VitspecError(
-                    f"shards differ in {key}: {_get(first, key)!r} "
-                    f"({first.get('_folder', 'shard ' + str(first['shard']['index']))}) vs "
-                    f"{_get(info, key)!r} ({info.get('_folder', info['shard']['index'])}); "
-                    "only shards of one run merge"
-                )
     count = first["shard"]["count"]
     seen: dict[int, str] = {}
     images: set[int] = set()
@@ -149,15 +178,46 @@ def _check(infos: list[dict]) -> None:
         )
 
 
+def _agree(infos: list[dict], keys: Sequence[str]) -> None:
+    """The fields ``keys`` (dotted paths) are equal in every one of ``infos``."""
+    first = infos[0] if infos else None
+    for info in infos[1:]:
+        for key in keys:
+            if _get(info, key) != _get(first, key):
+                raise VitspecError(
+                    f"shards differ in {key}: {_get(first, key)!r} "
+                    f"({first.get('_folder', 'shard ' + str(first['shard']['index']))}) vs "
+                    f"{_get(info, key)!r} ({info.get('_folder', info['shard']['index'])}); "
+                    "only shards of one run merge"
+                )
+
+
 def _merged_info(infos: list[dict], attn: Collector) -> dict:
     """The first shard's run.json with the images, timing and refusals of all of them."""
+    info = merged_info(infos, ("unavailable", "attention_metrics_refused"))
+    info["attention_refused"] = {str(k): v for k, v in attn.refused[""].items()}
+    info["pre_attention_refused"] = {str(k): v for k, v in attn.refused[PRE].items()}
+    info["num_heads"] = attn.num_heads or info.get("num_heads")
+    return info
+
+
+def merged_info(infos: list[dict], union: Sequence[str] = ()) -> dict:
+    """The first shard's manifest (shards in index order) with the images, timing and
+    provenance of all of them, and the dicts named in ``union`` joined.
+
+    Example:
+        >>> part = {"images": {"used": 1, "files": ["a.jpg"], "skipped": []},
+        ...         "shard": {"index": 0, "count": 1, "images": [0]}, "wall_time_s": 2.0}
+        >>> merged_info([part])["images_per_s"]
+        0.5
+    """
     info = {k: v for k, v in infos[0].items() if k not in ("shard", "_folder")}
     files: dict[int, str] = {}
     skipped = {}
     for part in infos:
         files.update(zip(part["shard"]["images"], part["images"]["files"]))
         skipped.update({s["path"]: s for s in part["images"]["skipped"]})
-        for key in ("unavailable", "attention_metrics_refused"):
+        for key in union:
             info[key] = {**part.get(key, {}), **info.get(key, {})}
     used = sum(part["images"]["used"] for part in infos)
     info["images"] = {
@@ -166,9 +226,6 @@ def _merged_info(infos: list[dict], attn: Collector) -> dict:
         "files": [files[i] for i in sorted(files)],
         "skipped": list(skipped.values()),
     }
-    info["attention_refused"] = {str(k): v for k, v in attn.refused[""].items()}
-    info["pre_attention_refused"] = {str(k): v for k, v in attn.refused[PRE].items()}
-    info["num_heads"] = attn.num_heads or info.get("num_heads")
     wall = max(part["wall_time_s"] for part in infos)
     info["wall_time_s"] = wall
     info["images_per_s"] = round(used / wall, 3) if wall > 0 else None
@@ -196,16 +253,24 @@ def distributed_device(device: str, warn: Callable[[str], None] | None = None) -
     return f"cuda:{local}" if wants_cuda else "cpu"
 
 
-def gather_ranks(result: Result) -> Result:
-    """Under torchrun: every rank's (run.json, state) to rank 0, once (gloo on CPU, NCCL
-    object collectives on CUDA); rank 0 gets the merged run, the others their own part."""
+def gather_ranks(result, merge: Callable[[Sequence[tuple[dict, dict]]], object] = merge_parts):
+    """Under torchrun: every rank's (manifest, state) to rank 0, once; rank 0 gets the run
+    ``merge`` folds from them (analyze's :func:`merge_parts` by default), the others their own
+    part.
+
+    The states are small CPU objects, so the gather runs on gloo even when the ranks compute on
+    GPUs (no GPU collective, no NCCL device binding, and the same path on one node or many). A
+    process group the caller has already started is used as it is (with NCCL, on this rank's
+    GPU)."""
     import torch.distributed as dist
 
     owned = not dist.is_initialized()
     if owned:
-        dev = result.info.get("device", "cpu")
-        dist.init_process_group("nccl" if str(dev).startswith("cuda") else "gloo")
+        dist.init_process_group("gloo")
     try:
+        backend = str(dist.get_backend())
+        if backend == "nccl":  # gather_object stages the objects on the current device
+            torch.cuda.set_device(torch.device(result.info.get("device", "cuda")))
         rank = dist.get_rank()
         objects = [None] * dist.get_world_size() if rank == 0 else None
         dist.gather_object((result.info, result.state), objects, dst=0)
@@ -214,7 +279,6 @@ def gather_ranks(result: Result) -> Result:
             dist.destroy_process_group()
     if rank != 0:
         return result
-    merged = merge_parts(objects)
-    backend = "nccl" if str(result.info.get("device", "cpu")).startswith("cuda") else "gloo"
+    merged = merge(objects)
     merged.info["distributed"] = {"world_size": len(objects), "backend": backend}
     return merged

@@ -26,7 +26,14 @@ import torch
 from vitspec.errors import VitspecError
 from vitspec.metrics import Moments
 
-__all__ = ["STATE_FILE", "Shard", "ShardBatches", "distributed_shard", "parse_shard"]
+__all__ = [
+    "STATE_FILE",
+    "Shard",
+    "ShardBatches",
+    "distributed_shard",
+    "parse_shard",
+    "shard_total",
+]
 
 STATE_FILE = "state.pt"
 
@@ -109,6 +116,19 @@ class ShardBatches:
             "batches": self.batch_indices,
             "images": self.image_indices,
         }
+
+
+def shard_total(total: int | None, batch_size: int, part: Shard) -> int | None:
+    """Images in ``part``'s batches when no file is skipped (for the progress display).
+
+    Example:
+        >>> shard_total(5, 2, Shard(0, 2)), shard_total(5, 2, Shard(1, 2))
+        (3, 2)
+    """
+    if total is None:
+        return None
+    sizes = [min(batch_size, total - b * batch_size) for b in range(-(-total // batch_size))]
+    return sum(size for b, size in enumerate(sizes) if part.owns(b))
 
 
 def distributed_shard() -> Shard | None:

@@ -39,8 +39,9 @@ def curve_rows(spectra: pd.DataFrame, curve: str, sites: tuple[str, ...], head=N
     return df[df["head"].isna()] if head is None else df[(df["head"] == head).fillna(False)]
 
 
-def _depth_colorbar(ax: Axes, depth: int, label: str = "layer") -> Normalize:
-    norm = Normalize(vmin=0, vmax=max(depth, 1))
+def _depth_colorbar(ax: Axes, depth: int, label: str = "layer", first: int = 0) -> Normalize:
+    """A colour bar from layer ``first`` (0 with the embedding, else 1) to ``depth``."""
+    norm = Normalize(vmin=first, vmax=max(depth, first + 1))
     cbar = ax.figure.colorbar(
         ScalarMappable(norm=norm, cmap=colormaps[DEPTH_CMAP]), ax=ax, pad=0.02, fraction=0.06
     )
@@ -76,9 +77,10 @@ def plot_curves_by_depth(
         12
     """
     df = curve_rows(result.spectra, curve, tuple(sites), head)
-    norm = _depth_colorbar(ax, depth_of(result.info, result.metrics))
-    cmap = colormaps[DEPTH_CMAP]
     layers = sorted(df["layer"].unique())
+    first = int(min(layers)) if layers else 0
+    norm = _depth_colorbar(ax, depth_of(result.info, result.metrics), first=first)
+    cmap = colormaps[DEPTH_CMAP]
     for layer in layers:
         values = df[df["layer"] == layer].sort_values("freq")["mean"].to_numpy(float)
         k = np.arange(len(values))

@@ -28,7 +28,10 @@ import vitspec
 from vitspec.engine import Inputs, Weights, check_request, open_session, run, stderr_warn
 from vitspec.errors import VitspecError
 from vitspec.inputs import check_count
+from vitspec.merge import distributed_device, gather_ranks
 from vitspec.outputs import OutputDir
+from vitspec.shards import ShardBatches, distributed_shard, parse_shard, shard_total
+from vitspec.verification.merge import merge_verify_parts, shard_state, unavailable
 from vitspec.verification.result import CHECKS, VERIFY_COLUMNS, VerifyResult, summarise, table
 
 __all__ = ["CHECKS", "VERIFY_COLUMNS", "VerifyResult", "check_usage", "verify"]
@@ -62,6 +65,7 @@ def verify(
     trust_checkpoint: bool = False,
     out: str | Path | None = None,
     overwrite: bool = False,
+    shard: str | tuple[int, int] | None = None,
 ) -> VerifyResult:
     """Run every check of docs/verify.md on a model's attention (streamed over images), or on the
     synthetic suite (``synthetic=True``, no model).
@@ -86,6 +90,11 @@ def verify(
         progress, warn, log: as in ``analyze``.
         out, overwrite: also write the folder there (as :meth:`VerifyResult.save`),
             claimed before the work; ``overwrite`` replaces only a previous vitspec output.
+        shard: ``"K/N"``: check only part K of N of the batches (batch b when b mod N = K, as
+            ``analyze``; :mod:`vitspec.shards`) and keep the verifier's mergeable state
+            (``VerifyResult.state``, written as state.pt for ``vitspec merge``). Under
+            ``torchrun`` each rank is a shard by itself: the states are gathered once and rank 0
+            returns (and writes to ``out``) the merged run, the other ranks their own part.
 
     Returns:
         A :class:`VerifyResult`: ``.table`` (verify.csv), ``.info`` (verify.json),
@@ -100,6 +109,16 @@ def verify(
     check_usage(model, synthetic=synthetic, sizes=sizes, ckpt=ckpt, random_init=random_init)
     if threads is not None:
         check_count(threads, "threads")
+    part, ranks = parse_shard(shard), distributed_shard()
+    if synthetic and (part is not None or ranks is not None):
+        raise VitspecError(
+            "--shard and torchrun split a MODEL's images; run the synthetic suite in one process"
+        )
+    if ranks is not None:
+        if part is not None:
+            raise VitspecError("--shard cannot be combined with torchrun: each rank is a shard")
+        part = ranks
+        device = distributed_device(device)
     request = None
     if not synthetic:  # every check before the model is built or an image read
         weights = Weights(
@@ -117,7 +136,8 @@ def verify(
         request = dict(
             weights=weights, inputs=inputs, request=check_request(model, weights, inputs, device)
         )
-    claim = OutputDir(out, overwrite=overwrite, protect=[images]) if out is not None else None
+    writes = out is not None and (ranks is None or ranks.index == 0)
+    claim = OutputDir(out, overwrite=overwrite, protect=[images]) if writes else None
     start = time.perf_counter()
     saved = torch.get_num_threads()
     if threads is not None:
@@ -137,7 +157,10 @@ def verify(
                     warn=warn or stderr_warn,
                     log=log,
                     start=start,
+                    part=part,
                 )
+                if ranks is not None:
+                    result = gather_ranks(result, merge_verify_parts)
             if tmp is not None:
                 result.write(tmp)
         return result
@@ -215,14 +238,17 @@ def _synthetic(sizes, max_steps: int, seed: int, start: float) -> VerifyResult:
 
 
 def _model(
-    model, request: dict, *, label, max_steps, seed, progress, warn, log, start
+    model, request: dict, *, label, max_steps, seed, progress, warn, log, start, part
 ) -> VerifyResult:
     from vitspec.verification.model import ModelVerifier
 
     session = open_session(model, **request, warn=warn, log=log)
+    if part is not None:
+        session.batches = ShardBatches(session.batches, part)
+        session.total = shard_total(session.total, session.inputs.batch_size, part)
     verifier = ModelVerifier(session.adapter, session.device, max_steps=max_steps, seed=seed)
     done = run(session, [verifier], progress=progress, warn=warn, log=log)
-    if not verifier.tallies:
+    if not verifier.tallies and not (part is not None and done.used == 0):
         raise VitspecError(
             f"no attention matrix was captured from {session.loaded.name}: "
             "its blocks expose no square post-softmax attention"
@@ -230,26 +256,27 @@ def _model(
     ids = session.ids(label)
     df = table(verifier.tallies, ids, verifier.not_applicable())
     wall = time.perf_counter() - start
-    unavailable = done.unavailable.as_dict()
-    unavailable.update({f"checks at layer {layer}": why for layer, why in verifier.shapes.items()})
     info = {
         **session.provenance(ids, done.used),
         "num_heads": verifier.num_heads,
         "tokens": verifier.n_tokens,
         "stages": done.stages,
-        "unavailable": unavailable,
+        "unavailable": unavailable(done.unavailable.as_dict(), verifier),
         "seed": seed,
         "max_steps": max_steps,
         "tolerances": CHECKS,
-        "consistency": {
-            "attn_hc_gain_max_rel_diff": verifier.gain_diff,
-            "note": "largest relative difference between analyze's attn_hc_gain (Lanczos, "
-            "float32) and the exact float64 s_a used by every bound here",
-        },
+        "consistency": verifier.consistency(),
         "residual_rate": verifier.residual_note(),
         "dtype": "float32 forward, float64 checks",
         **session.timing(done.used, wall),
         "summary": summarise(df),
     }
     data = {k: pd.DataFrame(v) for k, v in verifier.figure_data().items()}
-    return VerifyResult(df, info, data)
+    state = None
+    if part is not None:
+        info["shard"] = session.batches.describe()
+        if session.image_set is not None:  # every selected file was decoded; keep this part's
+            files = session.image_set.used
+            info["images"]["files"] = [files[i] for i in session.batches.image_indices]
+        state = shard_state(verifier)
+    return VerifyResult(df, info, data, state)

@@ -18,12 +18,12 @@ from torch import Tensor
 from vitspec.adapters import Adapter
 from vitspec.functional import attn_hc_gain
 from vitspec.verification import checks as ck
-from vitspec.verification.tally import PREMISE, Tallies
+from vitspec.verification.state import VerifierState
+from vitspec.verification.tally import PREMISE
 
 RANDOM_PATHS = 8  # head paths with random head choices (Dong et al. 2021)
 REAL_COLS = 4  # real start vectors per trajectory set: random combinations of the real inputs
 RANDOM_COLS = 4  # Gaussian start vectors
-CURVE_LAYERS = 4  # layers whose r_t curves are kept for figure (a)
 
 
 @dataclass
@@ -52,7 +52,7 @@ def branch_weights(
     return BranchWeights(*move, ck.head_weight_norms(move[0], move[2]), w.not_linear), ""
 
 
-class BlockChecks:
+class BlockChecks(VerifierState):
     """Per-(check, layer, head) tallies and figure summaries for one model run.
 
     Args:
@@ -65,28 +65,23 @@ class BlockChecks:
     def __init__(self, adapter: Adapter, device: torch.device, max_steps: int = 512, seed: int = 0):
         self.adapter = adapter
         self.device = device
-        self.max_steps = max_steps
-        self.seed = seed
-        self.depth = adapter.depth
-        self.tallies = Tallies()
         self.weights: dict[int, BranchWeights | None] = {}
-        self.weight_reasons: dict[int, str] = {}
-        for layer in range(1, self.depth + 1):
-            self.weights[layer], self.weight_reasons[layer] = branch_weights(adapter, layer, device)
-        self.premise_failed: dict[int, str] = {}
-        self.shapes: dict[int, str] = {}  # layers whose attention the checks do not apply to
-        self.partial: dict[int, str] = {}
-        self.layer_heads: dict[int, int] = {}  # layers where the branch / product checks stop
-        self.num_heads = 0
-        self.n_tokens = 0
-        self.batch = 0
-        self.gain_diff = 0.0  # max relative |attn_hc_gain - s_a| (s_a exact or bracketed)
-        self.missing: dict[int, set] = {}
-        self.naive: dict[int, list[int]] = {}  # layer -> [cases, rate > 1 + bound]
-        self.curve_layers = sorted(
-            {round(1 + i * (self.depth - 1) / (CURVE_LAYERS - 1)) for i in range(CURVE_LAYERS)}
-        )
-        self._sums: dict[str, Tensor] = {}
+        reasons: dict[int, str | None] = {}
+        # one intra-op thread, as the checks of every batch: LAPACK's QR and SVD round the head
+        # norms differently with more threads, and the run must not depend on its thread count
+        # (threads, shards and torchrun ranks give the same bits)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for layer in range(1, adapter.depth + 1):
+                self.weights[layer], why = branch_weights(adapter, layer, device)
+                w = self.weights[layer]
+                reasons[layer] = (why if w is None else w.msa_reason) or None
+        finally:
+            torch.set_num_threads(threads)
+        super().__init__(adapter.depth, max_steps, seed, reasons)
+        self.batch = 0  # batches started by this verifier
+        self.index = 0  # the run's index of the batch being checked
         self._held: dict[str, Tensor] = {}
         self._paths: ck.Trajectory | None = None
         self._path_heads: Tensor | None = None
@@ -112,13 +107,14 @@ class BlockChecks:
             self.tallies.add(PREMISE, layer, h, _take(premise, h))
         if bool(premise.violated.any()):
             count = int(premise.violated.sum())
-            self.premise_failed.setdefault(
+            self.note(
+                "premise_failed",
                 layer,
-                (
-                    f"row_stochastic fails at layer {layer} ({count} of {b * heads} matrices in "
-                    f"batch {self.batch}, max |A1 - 1| or negative entry {premise.slack.max():.3g} "
-                    f"x {ck.PREMISE_TOL:g}): the theorem's premise does not hold"
-                ),
+                f"row_stochastic fails at layer {layer} ({count} of {b * heads} matrices in "
+                f"batch {self.index + 1}, max |A1 - 1| or negative entry "
+                f"{premise.slack.max():.3g} x {ck.PREMISE_TOL:g}): the theorem's premise does "
+                "not hold",
+                self.index,
             )
             self._paths = None
             return
@@ -126,13 +122,13 @@ class BlockChecks:
         y = held.get("input")
         if held.get("windows"):
             x = y = None  # the tokens are not in window order: branch checks do not apply
-            self.partial.setdefault(
+            self.note(
+                "partial",
                 layer,
-                (
-                    f"windowed attention ({held['windows']} windows of {n} tokens): the branch and "
-                    "product checks need one matrix over all tokens; the per-head checks run per "
-                    "window"
-                ),
+                f"windowed attention ({held['windows']} windows of {n} tokens): the branch and "
+                "product checks need one matrix over all tokens; the per-head checks run per "
+                "window",
+                self.index,
             )
         w = self.weights[layer]
         a_hat = ck.renormalise(attn)
@@ -255,12 +251,12 @@ class BlockChecks:
             self._paths = ck.Trajectory(z)
         if self._paths is not None and self._paths.w.shape[:3] != (b, heads + RANDOM_PATHS, n):
             self._paths = None  # windows, token count or heads changed: no common token set
-            self.partial.setdefault(
+            self.note(
+                "partial",
                 layer,
-                (
-                    f"the attention at layer {layer} ({b} matrices of {n} tokens, {heads} heads) "
-                    "does not continue the previous layers' token set: products stop here"
-                ),
+                f"the attention at layer {layer} ({b} matrices of {n} tokens, {heads} heads) "
+                "does not continue the previous layers' token set: products stop here",
+                self.index,
             )
         if self._paths is None:
             return
@@ -359,18 +355,6 @@ class BlockChecks:
         sums = self._slot(name, (self.depth + 1, *value.shape))
         part = (layer, *map(slice, value.shape))
         sums[part] = torch.maximum(sums[part], value)
-
-    def _slot(self, name: str, shape: tuple) -> Tensor:
-        """The sums ``name``, grown (zero-padded) to hold ``shape`` (heads differ by stage)."""
-        old = self._sums.get(name)
-        if old is not None and all(o >= n for o, n in zip(old.shape, shape)):
-            return old
-        full = shape if old is None else tuple(max(o, n) for o, n in zip(old.shape, shape))
-        new = torch.zeros(full, dtype=torch.float64)
-        if old is not None:
-            new[tuple(map(slice, old.shape))] = old
-        self._sums[name] = new
-        return new
 
 
 def _take(outcome: ck.Outcome, h: int) -> ck.Outcome:

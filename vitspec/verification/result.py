@@ -164,11 +164,14 @@ class VerifyResult:
         info: verify.json: ``summary`` (per-check verdicts) and the provenance of a run.json.
         figure_data: small fixed-size tables the figures draw (``gains``, ``curves``,
             ``products``, ``blocks``, ``synthetic``), saved inside verify.json.
+        state: a shard's mergeable verifier state (``--shard``), written as ``state.pt`` (see
+            :mod:`vitspec.verification.state`); None for a whole run.
     """
 
     table: pd.DataFrame
     info: dict
     figure_data: dict[str, pd.DataFrame] = field(default_factory=dict)
+    state: dict | None = None
 
     @property
     def passed(self) -> bool:
@@ -222,6 +225,10 @@ class VerifyResult:
         }
         text = json.dumps(_jsonable(info), indent=2, default=str, allow_nan=False)
         (folder / "verify.json").write_text(text + "\n")
+        if self.state is not None:
+            from vitspec.shards import save_state
+
+            save_state(folder, self.state)
 
     @classmethod
     def load(cls, out: str | Path) -> VerifyResult:
