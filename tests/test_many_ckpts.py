@@ -151,6 +151,7 @@ def _cli(out: Path, *ckpts: str) -> list[str]:
         ("deep", "checkpoint has 3 blocks"),
         ("missing", "checkpoint not found"),
         ("truncated", "cannot read checkpoint"),
+        ("pickled", "needs full unpickling"),
     ],
 )
 def test_a_bad_later_checkpoint_fails_before_the_first_analysis(
@@ -164,6 +165,8 @@ def test_a_bad_later_checkpoint_fails_before_the_first_analysis(
         _tiny_ckpt(bad, 2, depth=3)
     elif second == "truncated":
         bad.write_bytes(good.read_bytes()[:5000])
+    elif second == "pickled":  # a whole module: refused without --trust-checkpoint
+        torch.save(_model(2), bad)
 
     def measure(*_a, **_k):
         raise AssertionError("the first checkpoint's analysis started")
