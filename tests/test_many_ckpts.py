@@ -189,6 +189,8 @@ def test_api_refusals():
         vitspec.analyze_checkpoints("vit_tiny", "e1.pth")
     with pytest.raises(VitspecError, match="timm model name"):
         vitspec.analyze_checkpoints(torch.nn.Linear(2, 2), ["e1.pth"])
+    with pytest.raises(VitspecError, match="ckpt takes one file; for several, vitspec.analyze_c"):
+        analyze("vit_tiny", ckpt=["e1.pth", "e2.pth"])
 
 
 def test_glob_series_then_compare_and_report(tmp_path, capsys):

@@ -89,7 +89,8 @@ def analyze(
 
     Args:
         model: a timm model name or alias (``deit_small``), or an ``nn.Module`` used as is.
-        ckpt: local checkpoint file (state dict, ``{'model': sd}``, safetensors, ...).
+        ckpt: local checkpoint file (state dict, ``{'model': sd}``, safetensors, ...); several:
+            :func:`vitspec.sweep.analyze_checkpoints`.
         random_init: analyse randomly initialised weights (seeded by ``seed``).
         ema: load ``model_ema`` from a training checkpoint instead of ``model``.
         strict: refuse checkpoints with missing/unexpected keys (else record warnings).
@@ -141,6 +142,11 @@ def analyze(
         ...             model_kwargs=dict(depth=2))  # doctest: +SKIP
         >>> r.metric("hc_dc_ratio", site="block")  # doctest: +SKIP
     """
+    if isinstance(ckpt, (list, tuple)):
+        raise VitspecError(
+            f"{option('ckpt')} takes one file; for several, vitspec.analyze_checkpoints builds "
+            "the model once and writes one run folder each"
+        )
     warn = warn or stderr_warn
     sites = check_sites(sites)
     specs = select_metrics(metrics)
