@@ -110,6 +110,8 @@ def test_each_checkpoint_equals_its_separate_run_and_the_model_is_built_once(
     assert [r["sha256"] for r in index["runs"]] == [
         alone[s].info["weights"]["sha256"] for s in runs
     ]
+    sealed = json.loads((tmp_path / "many" / "c_partial" / "run.json").read_text())
+    assert sealed["written_by"] == "vitspec" and "metrics.csv" in sealed["files"]
     saved = vitspec.Result.load(tmp_path / "many" / "c_partial")
     np.testing.assert_allclose(saved.metrics["mean"], runs["c_partial"].metrics["mean"])
 
