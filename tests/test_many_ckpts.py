@@ -9,6 +9,10 @@ test_shards.py.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -68,13 +72,18 @@ def series(tmp_path_factory) -> list[Path]:
     ]
 
 
-def _same(a: vitspec.Result, b: vitspec.Result) -> None:
-    """Tables: same rows and n, means to 1e-9 relative, std to 1e-6; run.json but timing."""
+def _same_tables(a: vitspec.Result, b: vitspec.Result) -> None:
+    """Same rows and n, means to 1e-9 relative, std to 1e-6."""
     for x, y in ((a.metrics, b.metrics), (a.spectra, b.spectra)):
         keys = [c for c in x.columns if c not in ("mean", "std")]
         pd.testing.assert_frame_equal(x[keys], y[keys])
         np.testing.assert_allclose(y["mean"], x["mean"], rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(y["std"], x["std"], rtol=1e-6, atol=1e-12)
+
+
+def _same(a: vitspec.Result, b: vitspec.Result) -> None:
+    """The tables (:func:`_same_tables`) and run.json but its timing."""
+    _same_tables(a, b)
     drop = lambda info: {k: v for k, v in info.items() if k not in TIMING}  # noqa: E731
     assert drop(a.info) == drop(b.info)
 
@@ -136,7 +145,7 @@ def _cli(out: Path, *ckpts: str) -> list[str]:
         "--device",
         "cpu",
         "--metrics",
-        "hc_*",
+        "hc_*,token_spectrum,attn_spectrum",
         "--no-figures",
         "--quiet",
         "--out",
@@ -242,3 +251,29 @@ def test_a_filter_that_reads_the_model_s_values_is_asked_with_a_real_copy(tmp_pa
     cache = loading.ModelCache()
     loading.check_checkpoint("vit_tiny", ckpt, cache=cache, model_kwargs=TINY)
     assert seen == ["meta", "cpu"] and cache.builds == 1
+
+
+def _torchrun() -> str | None:
+    found = shutil.which("torchrun")
+    beside = Path(sys.executable).with_name("torchrun")
+    return found or (str(beside) if beside.exists() else None)
+
+
+@pytest.mark.skipif(_torchrun() is None, reason="torchrun is not installed")
+def test_torchrun_series_equals_the_one_process_series(tmp_path):
+    for seed in (1, 2):
+        _tiny_ckpt(tmp_path / f"epoch{seed}.pth", seed)
+    one_each = ["--batch-size", "1"]  # a batch for each rank
+    args = [*_cli(tmp_path / "ddp", str(tmp_path / "epoch*.pth")), *one_each]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "vitspec", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert main([*_cli(tmp_path / "one", str(tmp_path / "epoch*.pth")), *one_each]) == 0
+    for stem in ("epoch1", "epoch2"):
+        ddp = vitspec.Result.load(tmp_path / "ddp" / stem)
+        _same_tables(vitspec.Result.load(tmp_path / "one" / stem), ddp)
+        assert ddp.info["distributed"] == {"world_size": 2, "backend": "gloo"}
+        assert ddp.info["run"] == f"vit_tiny-{stem}"
+    index = json.loads((tmp_path / "ddp" / "index.json").read_text())
+    assert [r["folder"] for r in index["runs"]] == ["epoch1", "epoch2"]

@@ -94,6 +94,15 @@ def _analyze_many(args: argparse.Namespace, ckpts: list[str]) -> int:
     options = _analyze_options(args, "")
     for key in ("ckpt", "random_init", "label", "shard"):
         del options[key]
+    from vitspec.shards import distributed_shard
+
+    rank = distributed_shard()
+    if rank is not None and rank.index != 0:  # torchrun: rank 0 writes the merged runs
+        from vitspec.sweep import iter_checkpoints
+
+        for _ in iter_checkpoints(args.model, ckpts, **options, **_messages(args, quiet=True)):
+            pass
+        return 0
     with OutputDir(out, overwrite=args.overwrite, protect=[args.images, *ckpts]) as tmp:
         from vitspec.sweep import iter_checkpoints, write_index, write_run
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from vitspec.analysis import _measure, select_metrics
@@ -26,9 +26,10 @@ from vitspec.engine import Inputs, Request, Weights, check_request, open_session
 from vitspec.errors import VitspecError, option
 from vitspec.hf import is_hf
 from vitspec.loading import ModelCache, check_checkpoint, check_weights
+from vitspec.merge import distributed_device, gather_ranks
 from vitspec.outputs import OutputDir, seal
 from vitspec.results import Result
-from vitspec.shards import distributed_shard
+from vitspec.shards import ShardBatches, distributed_shard, shard_total
 
 INDEX = "index.json"
 
@@ -63,7 +64,9 @@ def iter_checkpoints(
     readable, safe to unpickle, EMA entry, block count, keys and shapes after timm's filter,
     against the model built once), so a bad last file fails in seconds, naming it. The options
     are those of :func:`vitspec.analyze`; each run is labelled by its checkpoint's file stem.
-    Tensor batches (``images`` an iterable) are read once, so give a folder here.
+    Tensor batches (``images`` an iterable) are read once, so give a folder here. Under
+    ``torchrun`` each rank analyses its shard of every checkpoint and the states are gathered
+    once per checkpoint: rank 0 gets the merged runs, the other ranks their parts.
 
     Example:
         >>> for stem, r in iter_checkpoints("deit_small", ["e1.pth", "e2.pth"]):  # doctest: +SKIP
@@ -74,6 +77,9 @@ def iter_checkpoints(
     sites = check_sites(sites)
     specs = select_metrics(metrics)
     inputs = Inputs(images, num_images, batch_size, sample, sample_seed)
+    ranks = distributed_shard()
+    if ranks is not None:
+        device = distributed_device(device, warn)
     if images is not None and not isinstance(images, (str, Path)):
         raise VitspecError(
             f"{option('images')} must be a folder or an image file with several checkpoints "
@@ -98,33 +104,39 @@ def iter_checkpoints(
             check_checkpoint(model, ckpt, cache=cache, **common)
     if log is not None:
         log(f"{len(ckpts)} checkpoints fit {model}: the model is built once, copied for each")
-    for ckpt, w in zip(ckpts, weights):
-        # the listed images afresh for each run: iterating fills their used / skipped lists
-        listed = request.image_set
-        fresh = dataclasses.replace(listed, paths=list(listed.paths), used=[], skipped=[])
-        with _naming(ckpt):
-            session = open_session(
-                model,
-                weights=w,
-                inputs=inputs,
-                warn=warn,
-                log=log,
-                request=Request(request.device, fresh),
-                cache=cache,
-            )
-            result = _measure(
-                session,
-                specs,
-                sites,
-                asked=metrics is not None,
-                label=Path(ckpt).stem,
-                progress=progress,
-                warn=warn,
-                log=log,
-                pipeline=pipeline,
-            )
-        del session  # the model copy goes before the next one is made
-        yield Path(ckpt).stem, result
+    with _process_group(ranks):
+        for ckpt, w in zip(ckpts, weights):
+            # the listed images afresh for each run: iterating fills their used / skipped lists
+            listed = request.image_set
+            fresh = dataclasses.replace(listed, paths=list(listed.paths), used=[], skipped=[])
+            with _naming(ckpt):
+                session = open_session(
+                    model,
+                    weights=w,
+                    inputs=inputs,
+                    warn=warn,
+                    log=log,
+                    request=Request(request.device, fresh),
+                    cache=cache,
+                )
+                if ranks is not None:
+                    session.batches = ShardBatches(session.batches, ranks)
+                    session.total = shard_total(session.total, batch_size, ranks)
+                result = _measure(
+                    session,
+                    specs,
+                    sites,
+                    asked=metrics is not None,
+                    label=Path(ckpt).stem,
+                    progress=progress,
+                    warn=warn,
+                    log=log,
+                    pipeline=pipeline,
+                )
+                if ranks is not None:
+                    result = gather_ranks(result)
+            del session  # the model copy goes before the next one is made
+            yield Path(ckpt).stem, result
 
 
 def analyze_checkpoints(
@@ -144,7 +156,8 @@ def analyze_checkpoints(
         out: also write the series there: one run folder per checkpoint, named by its stem,
             and ``index.json``; claimed before the work. :func:`vitspec.compare` and
             :func:`vitspec.report` accept the folder.
-        overwrite: replace a previous vitspec output at ``out``.
+        overwrite: replace a previous vitspec output at ``out`` (written by rank 0 alone under
+            ``torchrun``).
         **options: those of :func:`iter_checkpoints` (:func:`vitspec.analyze`'s but ``ckpt``,
             ``random_init``, ``label`` and ``shard``).
 
@@ -158,7 +171,9 @@ def analyze_checkpoints(
         >>> runs["e2"].metric("hc_dc_ratio", site="block")  # doctest: +SKIP
     """
     protect = [options.get("images"), *ckpts]
-    claim = OutputDir(out, overwrite=overwrite, protect=protect) if out is not None else None
+    ranks = distributed_shard()
+    writes = out is not None and (ranks is None or ranks.index == 0)
+    claim = OutputDir(out, overwrite=overwrite, protect=protect) if writes else None
     results: dict[str, Result] = {}
     with claim or nullcontext() as tmp:
         for stem, result in iter_checkpoints(model, ckpts, **options):
@@ -212,9 +227,23 @@ def _check_series(model, ckpts) -> list[str | Path]:
         raise VitspecError(
             f"{option('ckpt')} files share the stem {twice[0]!r}: runs are named by it"
         )
-    if distributed_shard() is not None:
-        raise VitspecError("several checkpoints under torchrun: run one --ckpt per torchrun")
     return list(ckpts)
+
+
+@contextmanager
+def _process_group(ranks) -> Iterator[None]:
+    """Under torchrun, one gloo process group for the whole series (each checkpoint's states
+    are gathered in it), unless the caller started one."""
+    import torch.distributed as dist
+
+    owned = ranks is not None and not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        if owned:
+            dist.destroy_process_group()
 
 
 class _naming:
