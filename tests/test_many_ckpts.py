@@ -277,3 +277,15 @@ def test_torchrun_series_equals_the_one_process_series(tmp_path):
         assert ddp.info["run"] == f"vit_tiny-{stem}"
     index = json.loads((tmp_path / "ddp" / "index.json").read_text())
     assert [r["folder"] for r in index["runs"]] == ["epoch1", "epoch2"]
+
+
+def test_an_error_during_a_later_analysis_names_its_checkpoint(tmp_path, capsys):
+    good = _tiny_ckpt(tmp_path / "good.pth", 1)
+    sd = _model(2).state_dict()
+    sd["blocks.1.mlp.fc1.weight"][0, 0] = float("nan")  # passes the checks, fails in block 2
+    torch.save(sd, tmp_path / "nan.pth")
+    out = tmp_path / "many"
+    assert main(_cli(out, str(good), str(tmp_path / "nan.pth"))) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"vitspec: error: {tmp_path / 'nan.pth'}: NaN or Inf in the output of ")
+    assert "block 2" in err and not out.exists()
