@@ -29,6 +29,7 @@ STAGES = {
     "vitspec.scaling": 3,
     "vitspec.checkpoints": 3,
     "vitspec.loading": 3,
+    "vitspec.fitting": 3,
     "vitspec.inputs": 3,
     "vitspec.hf": 3,
     "vitspec.pipeline": 3,
