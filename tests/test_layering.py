@@ -35,6 +35,7 @@ STAGES = {
     "vitspec.pipeline": 3,
     "vitspec.capture": 4,
     "vitspec.shards": 3,
+    "vitspec.session": 5,
     "vitspec.engine": 5,
     "vitspec.collect": 6,
     "vitspec.verification.checks": 6,

@@ -15,6 +15,7 @@ from PIL import Image
 
 import vitspec
 import vitspec.analysis
+import vitspec.session
 from vitspec.cli import main
 
 TINY = dict(img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2)
@@ -25,9 +26,9 @@ def folders(tmp_path_factory):
     """Two analyze runs (the second with --no-figures), a verify run, a compare folder."""
     root = tmp_path_factory.mktemp("folders")
     mp = pytest.MonkeyPatch()
-    real = vitspec.engine.load_model
+    real = vitspec.session.load_model
     mp.setattr(
-        vitspec.engine,
+        vitspec.session,
         "load_model",
         lambda name, **kw: real(name, **{**kw, "model_kwargs": TINY}),
     )

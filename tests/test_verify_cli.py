@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-import vitspec.engine
+import vitspec.session
 from vitspec.cli import main
 from vitspec.verification import checks as ck
 
@@ -18,7 +18,7 @@ TINY = dict(img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2)
 @pytest.fixture
 def tiny_models(monkeypatch):
     """Model names resolve as usual but are built shrunk (fast), optionally altered."""
-    real = vitspec.engine.load_model
+    real = vitspec.session.load_model
     alter = []
 
     def load_model(name, **kw):
@@ -27,7 +27,7 @@ def tiny_models(monkeypatch):
             fn(loaded.model)
         return loaded
 
-    monkeypatch.setattr(vitspec.engine, "load_model", load_model)
+    monkeypatch.setattr(vitspec.session, "load_model", load_model)
     return alter
 
 

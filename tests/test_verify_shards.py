@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 
-import vitspec.engine
+import vitspec.session
 from vitspec.cli import main
 from vitspec.errors import VitspecError
 from vitspec.merge import merge_runs
@@ -131,14 +131,14 @@ def test_not_applicable_rows_and_reasons_merge_exactly():
 
 
 def test_merge_of_failing_verify_shards_exits_1(tmp_path, monkeypatch, capsys):
-    real = vitspec.engine.load_model
+    real = vitspec.session.load_model
 
     def load_model(name, **kw):
         loaded = real(name, **kw)
         _mix_heads(loaded.model.blocks[1].attn)
         return loaded
 
-    monkeypatch.setattr(vitspec.engine, "load_model", load_model)
+    monkeypatch.setattr(vitspec.session, "load_model", load_model)
     parts = [tmp_path / f"s{k}" for k in (0, 1)]
     argv = ["verify", "vit_tiny", "--random-init", *TINY, *COMMON, "--max-steps", "64"]
     for k, part in enumerate(parts):

@@ -11,21 +11,14 @@ from torch import nn
 
 from vitspec.capture import check_sites
 from vitspec.collect import PRE, Collector, rows
-from vitspec.engine import (
-    Inputs,
-    Weights,
-    available_sites,
-    check_request,
-    open_session,
-    run,
-    stderr_warn,
-)
+from vitspec.engine import available_sites, run
 from vitspec.errors import VitspecError, option
 from vitspec.merge import distributed_device, gather_ranks
 from vitspec.metrics import MetricSpec, list_metrics
 from vitspec.outputs import OutputDir
 from vitspec.results import METRIC_COLUMNS, SPECTRA_COLUMNS, Result, moments_frame, validate
 from vitspec.scaling import techniques
+from vitspec.session import Inputs, Weights, check_request, open_session, stderr_warn
 from vitspec.shards import ShardBatches, distributed_shard, parse_shard, plain_state, shard_total
 from vitspec.sites import Unavailable
 

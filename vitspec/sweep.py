@@ -22,13 +22,13 @@ from pathlib import Path
 
 from vitspec.analysis import _measure, select_metrics
 from vitspec.capture import check_sites
-from vitspec.engine import Inputs, Request, Weights, check_request, open_session, stderr_warn
 from vitspec.errors import VitspecError, option
 from vitspec.hf import is_hf
 from vitspec.loading import ModelCache, check_checkpoint, check_weights
 from vitspec.merge import distributed_device, gather_ranks
 from vitspec.outputs import OutputDir, seal
 from vitspec.results import Result
+from vitspec.session import Inputs, Request, Weights, check_request, open_session, stderr_warn
 from vitspec.shards import ShardBatches, distributed_shard, shard_total
 
 INDEX = "index.json"

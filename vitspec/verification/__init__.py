@@ -25,11 +25,12 @@ import torch
 from torch import nn
 
 import vitspec
-from vitspec.engine import Inputs, Weights, check_request, open_session, run, stderr_warn
+from vitspec.engine import run
 from vitspec.errors import VitspecError
 from vitspec.inputs import check_count
 from vitspec.merge import distributed_device, gather_ranks
 from vitspec.outputs import OutputDir
+from vitspec.session import Inputs, Weights, check_request, open_session, stderr_warn
 from vitspec.shards import ShardBatches, distributed_shard, parse_shard, shard_total
 from vitspec.verification.merge import merge_verify_parts, shard_state, unavailable
 from vitspec.verification.result import CHECKS, VERIFY_COLUMNS, VerifyResult, summarise, table
