@@ -7,7 +7,8 @@ import timm
 import torch
 from PIL import Image
 
-from vitspec.cli import main
+from vitspec.cli import COMMANDS, main
+from vitspec.cli_parser import build_parser
 
 MODEL = "deit_tiny"
 
@@ -267,3 +268,9 @@ def test_unreadable_image_is_skipped_and_recorded(capsys, tmp_path):
     info = json.loads((out / "run.json").read_text())
     assert info["images"]["used"] == 2
     assert [s["path"] for s in info["images"]["skipped"]] == ["c.jpg"]
+
+
+def test_every_subcommand_has_its_command_function():
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    assert set(sub.choices) == set(COMMANDS)

@@ -55,6 +55,7 @@ STAGES = {
     "vitspec.comparison": 8,
     "vitspec.reporting": 8,
     "vitspec.plots": 8,
+    "vitspec.cli_parser": 9,
     "vitspec.cli": 9,
     "vitspec.__main__": 9,
 }

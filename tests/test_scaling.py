@@ -17,7 +17,8 @@ import torch
 from vitspec import analyze
 from vitspec.adapters import Geometry, get_adapter
 from vitspec.capture import capture
-from vitspec.cli import build_parser, main
+from vitspec.cli import main
+from vitspec.cli_parser import build_parser
 from vitspec.collect import Collector
 from vitspec.engine import BatchInfo
 from vitspec.errors import VitspecError
