@@ -39,6 +39,7 @@ STAGES = {
     "vitspec.engine": 5,
     "vitspec.collect": 6,
     "vitspec.verification.checks": 6,
+    "vitspec.verification.trajectory": 6,
     "vitspec.verification.model": 6,
     "vitspec.verification.blockchecks": 6,
     "vitspec.verification.summaries": 6,

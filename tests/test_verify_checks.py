@@ -12,6 +12,7 @@ import torch
 from vitspec.functional import attn_hc_gain
 from vitspec.verification import checks as ck
 from vitspec.verification.synthetic import logit_families
+from vitspec.verification.trajectory import STOP_RATIO, Trajectory, lowpass
 
 F64 = torch.float64
 
@@ -86,16 +87,16 @@ def test_uniform_attention_round_off_is_not_a_violation():
     s = ck.hc_gain(a)
     assert (s < 1e-14).all()
     assert not ck.check_hc_contraction(a, torch.randn(2, 197, 4, dtype=F64), s).violated.any()
-    assert not ck.lowpass(a, torch.randn(2, 197, 4, dtype=F64), s).outcome.violated.any()
+    assert not lowpass(a, torch.randn(2, 197, 4, dtype=F64), s).outcome.violated.any()
 
 
 def test_lowpass_matches_explicit_powers_and_fits_the_rate():
     lam, n = 0.7, 9  # A = (1 - lam) J + lam I: HC scales by lam per step, DC is unchanged
     a = ((1 - lam) / n + lam * torch.eye(n, dtype=F64))[None]
     z = torch.randn(1, n, 2, dtype=F64)
-    short = ck.lowpass(a, z, ck.hc_gain(a), max_steps=20)
+    short = lowpass(a, z, ck.hc_gain(a), max_steps=20)
     np.testing.assert_allclose(short.outcome.slack.numpy(), 1.0, rtol=1e-12)  # tight bound
-    res = ck.lowpass(a, z, ck.hc_gain(a), max_steps=512)
+    res = lowpass(a, z, ck.hc_gain(a), max_steps=512)
     assert not res.outcome.violated.any()
     np.testing.assert_allclose(res.rate.numpy(), lam, rtol=1e-6)
     r0 = (z - z.mean(-2, keepdim=True)).norm(dim=-2) / (z.mean(-2).abs() * math.sqrt(n))
@@ -103,17 +104,17 @@ def test_lowpass_matches_explicit_powers_and_fits_the_rate():
     expected = r0[..., None] * lam ** torch.arange(1, 6, dtype=F64)
     np.testing.assert_allclose(res.r[..., :5].numpy(), expected.numpy(), rtol=1e-10)
     last = res.r.gather(-1, (res.steps - 1)[..., None])[..., 0]
-    assert (last < ck.STOP_RATIO).all() and (res.steps < 512).all()
+    assert (last < STOP_RATIO).all() and (res.steps < 512).all()
 
     b = softmax_mats(3, 16, 2.0, seed=3)
     zb = torch.randn(3, 16, 3, dtype=F64)
-    res = ck.lowpass(b, zb, ck.hc_gain(b), max_steps=4)
+    res = lowpass(b, zb, ck.hc_gain(b), max_steps=4)
     an = np.linalg.matrix_power(b.numpy(), 3)
     w = an @ zb.numpy()
     hc = np.linalg.norm(w - w.mean(1, keepdims=True), axis=1)
     dc = np.abs(w.mean(1)) * math.sqrt(16)
     np.testing.assert_allclose(res.r[..., 2].numpy(), hc / dc, rtol=1e-9)
-    assert ck.lowpass(b, zb, ck.hc_gain(b) * 0.1, max_steps=4).outcome.violated.all()
+    assert lowpass(b, zb, ck.hc_gain(b) * 0.1, max_steps=4).outcome.violated.all()
 
 
 def test_slowly_mixing_matrices_stop_at_max_steps_and_pass():
@@ -121,7 +122,7 @@ def test_slowly_mixing_matrices_stop_at_max_steps_and_pass():
     a = logit_families("two-cluster", 16, 12.0, 2, gen).softmax(-1)
     s = ck.hc_gain(a)
     assert (s > 1).all()  # a low-pass filter whose one-step HC gain exceeds 1
-    res = ck.lowpass(a, torch.randn(2, 16, 2, dtype=F64), s, max_steps=50)
+    res = lowpass(a, torch.randn(2, 16, 2, dtype=F64), s, max_steps=50)
     assert (res.steps == 50).all() and not res.outcome.violated.any()
 
 
@@ -199,8 +200,8 @@ def test_attnscale_gain_identity():
 def test_trajectory_products_hold_and_catch_a_wrong_gain():
     mats = softmax_mats(6, 16, 3.0, seed=5)
     s = ck.hc_gain(mats)
-    tr = ck.Trajectory(torch.randn(16, 3, dtype=F64))
-    bad = ck.Trajectory(tr.w.clone())
+    tr = Trajectory(torch.randn(16, 3, dtype=F64))
+    bad = Trajectory(tr.w.clone())
     for i in range(6):
         _, _, out = tr.step(mats[i], s[i])
         assert not out.violated.any()

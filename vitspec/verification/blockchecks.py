@@ -20,6 +20,7 @@ from vitspec.functional import attn_hc_gain
 from vitspec.verification import checks as ck
 from vitspec.verification.state import VerifierState
 from vitspec.verification.tally import PREMISE
+from vitspec.verification.trajectory import Trajectory, lowpass
 
 RANDOM_PATHS = 8  # head paths with random head choices (Dong et al. 2021)
 REAL_COLS = 4  # real start vectors per trajectory set: random combinations of the real inputs
@@ -83,7 +84,7 @@ class BlockChecks(VerifierState):
         self.batch = 0  # batches started by this verifier
         self.index = 0  # the run's index of the batch being checked
         self._held: dict[str, Tensor] = {}
-        self._paths: ck.Trajectory | None = None
+        self._paths: Trajectory | None = None
         self._path_heads: Tensor | None = None
 
     # ---- the checks on one block -------------------------------------------------------------
@@ -194,7 +195,7 @@ class BlockChecks(VerifierState):
         if values is not None:  # random combinations of the head's real value features
             cols.insert(0, values @ self._randn(values.shape[-1], REAL_COLS).to(values))
         z = torch.cat(cols, dim=-1)
-        res = ck.lowpass(a_hat, z, s_a, self.max_steps)
+        res = lowpass(a_hat, z, s_a, self.max_steps)
         for h in range(heads):
             self.tallies.add(
                 "lowpass_limit",
@@ -248,7 +249,7 @@ class BlockChecks(VerifierState):
                 s64 = start.to(self.device, torch.float64)[:, None]
                 cols.insert(0, s64 @ self._randn(s64.shape[-1], REAL_COLS))
             z = torch.cat(cols, dim=-1).expand(-1, heads + RANDOM_PATHS, -1, -1)
-            self._paths = ck.Trajectory(z)
+            self._paths = Trajectory(z)
         if self._paths is not None and self._paths.w.shape[:3] != (b, heads + RANDOM_PATHS, n):
             self._paths = None  # windows, token count or heads changed: no common token set
             self.note(

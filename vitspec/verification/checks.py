@@ -44,9 +44,7 @@ __all__ = [
     "PREMISE_TOL",
     "RECON_TOL",
     "RTOL",
-    "STOP_RATIO",
     "Outcome",
-    "Trajectory",
     "attnscale",
     "attnscale_weyl",
     "check_attnscale_gain",
@@ -55,22 +53,23 @@ __all__ = [
     "check_logit_bound",
     "check_msa_bound",
     "check_row_stochastic",
+    "dc_norm",
+    "fro_norm",
     "gamma",
     "hc_gain",
     "hc_gain_bracket",
     "norm_bracket",
     "hc_norm",
+    "inequality",
     "head_weight_norms",
     "logit_bound",
     "logit_half_width",
-    "lowpass",
     "renormalise",
 ]
 
 PREMISE_TOL = 1e-5  # |A 1 - 1| on the model's float32 attention (the theorem's premise)
 RTOL = 1e-9  # relative tolerance of every float64 inequality and identity
 RECON_TOL = 1e-4  # float64 reconstruction of the attention branch vs the float32 module output
-STOP_RATIO = 1e-12  # lowpass_limit stops a trajectory once r_t falls below this
 ATTNSCALE_W = (-0.5, 0.5, 1.0, 2.0)
 _U = 2.0**-53  # unit round-off of float64
 BRACKET_MIN_N = 256  # from this N on, certified Krylov brackets replace the dense SVDs
@@ -101,9 +100,15 @@ def gamma(n: int) -> float:
     return n * _U / (1 - n * _U)
 
 
-def _inequality(lhs: Tensor, rhs: Tensor, err: Tensor | float, rtol: float = RTOL) -> Outcome:
+def inequality(lhs: Tensor, rhs: Tensor, err: Tensor | float, rtol: float = RTOL) -> Outcome:
     """``lhs <= rhs`` with slack ``lhs / (rhs + err)``, violated when the slack exceeds
-    ``1 + rtol`` (NaN counts as a violation; an infinite bound as slack 0)."""
+    ``1 + rtol`` (NaN counts as a violation; an infinite bound as slack 0).
+
+    Example:
+        >>> out = inequality(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0]), 0.0)
+        >>> out.slack.tolist(), out.violated.tolist()
+        ([0.5, 1.5], [False, True])
+    """
     rhs = torch.nan_to_num(rhs, nan=math.inf)
     slack = lhs / (rhs + err)
     return Outcome(slack, ~(slack <= 1 + rtol))
@@ -130,11 +135,23 @@ def hc_norm(x: Tensor) -> Tensor:
     return (x - x.mean(dim=-2, keepdim=True)).norm(dim=-2)
 
 
-def _dc_norm(x: Tensor) -> Tensor:
+def dc_norm(x: Tensor) -> Tensor:
+    """``||DC[x]||`` over the token axis -2, one value per column: ``[..., N, k] -> [..., k]``.
+
+    Example:
+        >>> dc_norm(torch.tensor([[1.0], [3.0]], dtype=torch.float64)).tolist()
+        [2.8284271247461903]
+    """
     return x.mean(dim=-2).abs() * math.sqrt(x.shape[-2])
 
 
-def _fro(x: Tensor) -> Tensor:
+def fro_norm(x: Tensor) -> Tensor:
+    """The Frobenius norm of each matrix: ``[..., N, M] -> [...]``.
+
+    Example:
+        >>> fro_norm(torch.full((1, 2, 2), 0.5, dtype=torch.float64)).tolist()
+        [1.0]
+    """
     return torch.linalg.matrix_norm(x)
 
 
@@ -241,166 +258,8 @@ def check_hc_contraction(a_hat: Tensor, z: Tensor, s_a: Tensor, rtol: float = RT
     az = a_hat @ z
     lhs = hc_norm(az).norm(dim=-1)
     rhs = s_a * hc_norm(z).norm(dim=-1)
-    err = 4 * gamma(a_hat.shape[-1]) * (_fro(a_hat) * _fro(z) + _fro(az))
-    return _inequality(lhs, rhs, err, rtol)
-
-
-class Trajectory:
-    """``w_t = M_t ... M_1 z`` column by column, with ``||HC[w_t]||`` checked against its bound.
-
-    The bound is ``prod_k s_k ||HC[z]||`` (``s_k`` the exact HC gain of ``M_k``), with the running
-    float64 round-off allowance ``E_t = s_t E_(t-1) + 4 gamma_N (||M_t||_F ||w_(t-1)|| + ||w_t||)``.
-    ``r_t = ||HC[w_t]|| / ||DC[w_t]||`` is the ratio of Theorem 1.
-
-    Args:
-        z: ``[..., N, k]`` start vectors (k columns are k separate trajectories).
-
-    Example:
-        >>> a = torch.full((1, 4, 4), 0.25, dtype=torch.float64)
-        >>> tr = Trajectory(torch.randn(1, 4, 2, dtype=torch.float64))
-        >>> r, bound, out = tr.step(a, hc_gain(a))
-        >>> bool((r < 1e-12).all()), out.violated.tolist()
-        (True, [[False, False]])
-    """
-
-    def __init__(self, z: Tensor):
-        self.w = z.to(torch.float64)
-        self.gamma = gamma(z.shape[-2])
-        self.hc0 = hc_norm(self.w)
-        self.gain = torch.ones_like(self.hc0)
-        self.err = 4 * self.gamma * self.w.norm(dim=-2)
-
-    def keep(self, mask: Tensor) -> None:
-        """Keep only the leading-dimension entries where ``mask`` is True."""
-        self.w, self.hc0, self.gain, self.err = (
-            t[mask] for t in (self.w, self.hc0, self.gain, self.err)
-        )
-
-    def step(
-        self, m: Tensor, s: Tensor, rtol: float = RTOL, m_fro: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Outcome]:
-        """Apply ``m`` (``[..., N, N]``, gain ``s`` ``[...]``, Frobenius norm ``m_fro`` if known);
-        return ``r_t``, its bound and the outcome, each ``[..., k]``."""
-        w_prev = self.w
-        self.w = m @ w_prev
-        s = s[..., None]
-        m_fro = _fro(m) if m_fro is None else m_fro
-        self.gain = self.gain * s
-        self.err = s * self.err + 4 * self.gamma * (
-            m_fro[..., None] * w_prev.norm(dim=-2) + self.w.norm(dim=-2)
-        )
-        lhs = hc_norm(self.w)
-        dc = _dc_norm(self.w)
-        rhs = self.gain * self.hc0
-        out = _inequality(lhs, rhs, self.err, rtol)
-        return lhs / dc, torch.nan_to_num(rhs, nan=math.inf) / dc, out
-
-
-@dataclass
-class LowpassResult:
-    """Per-trajectory results of :func:`lowpass` (``[..., k]``) and the curves (``[..., k, T]``).
-
-    Attributes:
-        outcome: slack = max over t of ``r_t / bound_t``; violated if any t violates.
-        r: ``r_t`` for t = 1..T (NaN after the trajectory stopped).
-        bound: ``s_a^t ||HC[z]|| / ||DC[A^t z]||`` (NaN after the stop).
-        steps: steps taken (the first t with ``r_t < STOP_RATIO``, else T).
-        rate: fitted per-step decay rate ``exp(slope of log r_t)`` over the second half of the
-            steps taken (NaN for fewer than 2 steps in that half).
-    """
-
-    outcome: Outcome
-    r: Tensor
-    bound: Tensor
-    steps: Tensor
-    rate: Tensor
-
-
-def lowpass(
-    a_hat: Tensor,
-    z: Tensor,
-    s_a: Tensor,
-    max_steps: int = 512,
-    stop: float = STOP_RATIO,
-    rtol: float = RTOL,
-) -> LowpassResult:
-    """Theorem 1: ``r_t = ||HC[Â^t z]|| / ||DC[Â^t z]||`` for t = 1..T, checked at every t.
-
-    Matrices whose trajectories have all stopped are dropped from the loop, so one slowly mixing
-    head does not make every other matrix run to T.
-
-    Args:
-        a_hat: ``[..., N, N]`` renormalised attention.
-        z: ``[..., N, k]`` start vectors.
-        s_a: ``[...]`` exact HC gains.
-        max_steps: T.
-        stop: a trajectory stops once ``r_t < stop``; all stop -> the loop ends.
-
-    Example:
-        >>> a = renormalise(torch.rand(2, 8, 8) + 1)
-        >>> res = lowpass(a, torch.randn(2, 8, 3, dtype=torch.float64), hc_gain(a))
-        >>> bool(res.outcome.violated.any()), bool((res.steps < 512).all())
-        (False, True)
-    """
-    lead, n, k = a_hat.shape[:-2], a_hat.shape[-1], z.shape[-1]
-    a = a_hat.reshape(-1, n, n)
-    s = s_a.reshape(-1)
-    m = a.shape[0]
-    dev = a.device
-    tr = Trajectory(z.reshape(m, n, k))
-    idx = torch.arange(m, device=dev)
-    active = torch.ones(m, k, dtype=torch.bool, device=dev)
-    slack = torch.zeros(m, k, dtype=torch.float64, device=dev)
-    violated = torch.zeros_like(active)
-    steps = torch.zeros(m, k, dtype=torch.long, device=dev)
-    r_all = torch.full((m, k, max_steps), math.nan, dtype=torch.float64, device=dev)
-    b_all = torch.full_like(r_all, math.nan)
-    fro = _fro(a)
-    sub_a, sub_s, sub_fro = a, s, fro
-    taken = 0
-    for t in range(max_steps):
-        r, bound, out = tr.step(sub_a, sub_s, rtol, sub_fro)
-        act = active[idx]
-        r_all[idx, :, t] = torch.where(act, r, math.nan)
-        b_all[idx, :, t] = torch.where(act, bound, math.nan)
-        slack[idx] = torch.where(act, torch.maximum(slack[idx], out.slack), slack[idx])
-        violated[idx] |= act & out.violated
-        steps[idx] += act.long()
-        act = act & ~(r < stop)
-        active[idx] = act
-        taken = t + 1
-        keep = act.any(dim=-1)
-        if not bool(keep.any()):
-            break
-        if not bool(keep.all()):
-            idx = idx[keep]
-            tr.keep(keep)
-            sub_a, sub_s, sub_fro = a[idx], s[idx], fro[idx]
-    r_all, b_all = r_all[..., :taken], b_all[..., :taken]
-
-    def shaped(x: Tensor) -> Tensor:
-        return x.reshape(*lead, *x.shape[1:])
-
-    return LowpassResult(
-        Outcome(shaped(slack), shaped(violated)),
-        shaped(r_all),
-        shaped(b_all),
-        shaped(steps),
-        shaped(_fit_rate(r_all, steps)),
-    )
-
-
-def _fit_rate(r: Tensor, steps: Tensor) -> Tensor:
-    """Least-squares slope of log r_t on t over t in (steps/2, steps], as a per-step factor."""
-    t = torch.arange(1, r.shape[-1] + 1, dtype=torch.float64, device=r.device)
-    use = (t > steps[..., None] / 2) & (t <= steps[..., None]) & (r > 0)
-    logr = torch.where(use, r.clamp_min(1e-300).log(), torch.zeros_like(r))
-    n = use.sum(dim=-1).to(torch.float64)
-    tm = torch.where(use, t, 0).sum(dim=-1) / n
-    lm = logr.sum(dim=-1) / n
-    dt = torch.where(use, t - tm[..., None], 0)
-    slope = (dt * (logr - lm[..., None])).sum(dim=-1) / (dt * dt).sum(dim=-1)
-    return torch.where(n >= 2, slope.exp(), torch.full_like(slope, math.nan))
+    err = 4 * gamma(a_hat.shape[-1]) * (fro_norm(a_hat) * fro_norm(z) + fro_norm(az))
+    return inequality(lhs, rhs, err, rtol)
 
 
 def logit_half_width(a_hat: Tensor) -> Tensor:
@@ -452,9 +311,9 @@ def check_logit_bound(
     norm_lo, norm_hi = norm_bracket(a_hat).unbind(-1)
     a = logit_half_width(a_hat)
     bound = logit_bound(a_hat.shape[-1], a)
-    err = 4 * gamma(a_hat.shape[-1]) * _fro(a_hat)
-    inner = _inequality(s_a if s_a_hi is None else s_a_hi, norm_lo, err, rtol)
-    outer = _inequality(norm_hi, bound, err, rtol)
+    err = 4 * gamma(a_hat.shape[-1]) * fro_norm(a_hat)
+    inner = inequality(s_a if s_a_hi is None else s_a_hi, norm_lo, err, rtol)
+    outer = inequality(norm_hi, bound, err, rtol)
     norm = norm_lo
     return Outcome(outer.slack, inner.violated | outer.violated), norm, bound, a
 
@@ -511,15 +370,15 @@ def check_msa_bound(
     x, y, msa = (t.to(torch.float64) for t in (x, y, msa))
     k = max(x.shape[-2], x.shape[-1], y.shape[-1])
     err = 4 * gamma(k) * err_scale
-    hc_y = _fro(y - y.mean(dim=-2, keepdim=True))
-    hc_x = _fro(x - x.mean(dim=-2, keepdim=True))
-    hc_msa = _fro(msa - msa.mean(dim=-2, keepdim=True))
+    hc_y = fro_norm(y - y.mean(dim=-2, keepdim=True))
+    hc_x = fro_norm(x - x.mean(dim=-2, keepdim=True))
+    hc_msa = fro_norm(msa - msa.mean(dim=-2, keepdim=True))
     res = x + msa
-    hc_res = _fro(res - res.mean(dim=-2, keepdim=True))
+    hc_res = fro_norm(res - res.mean(dim=-2, keepdim=True))
     bound = (s_a * head_norms).sum(dim=-1)
-    branch = _inequality(hc_msa, bound * hc_y, err, rtol)
-    err_res = err + 4 * gamma(k) * (_fro(x) + _fro(res))
-    residual = _inequality(hc_res, hc_x + bound * hc_y, err_res, rtol)
+    branch = inequality(hc_msa, bound * hc_y, err, rtol)
+    err_res = err + 4 * gamma(k) * (fro_norm(x) + fro_norm(res))
+    residual = inequality(hc_res, hc_x + bound * hc_y, err_res, rtol)
     return MsaResult(
         branch,
         residual,
@@ -557,7 +416,7 @@ def attnscale_weyl(a_hat: Tensor, ws: tuple[float, ...] = ATTNSCALE_W) -> Tensor
     for g in map_groups(a_hat.to(torch.float64)):
         n = g.shape[-1]
         c = double_centre(g)
-        fro_c = _fro(c)
+        fro_c = fro_norm(c)
         weyl, rows = [], []
         for w in ws:
             # attnscale(g, w) and double_centre of it, with the same roundings, in two buffers
@@ -566,7 +425,9 @@ def attnscale_weyl(a_hat: Tensor, ws: tuple[float, ...] = ATTNSCALE_W) -> Tensor
             row = a2.mean(dim=-1, keepdim=True)
             d = (a2 - a2.mean(dim=-2, keepdim=True)).sub_(row - row.mean(dim=-2, keepdim=True))
             # d - (1 + w) c in one pass: its rounding is at most that of the two-step form
-            weyl.append(_fro(d.sub_(c, alpha=1 + w)) * (1 + 2 * _U) + 2 * _U * abs(1 + w) * fro_c)
+            weyl.append(
+                fro_norm(d.sub_(c, alpha=1 + w)) * (1 + 2 * _U) + 2 * _U * abs(1 + w) * fro_c
+            )
         out.append(torch.stack([torch.stack(weyl), torch.stack(rows)]))
     return torch.cat(out, dim=2).reshape(2, len(ws), *a_hat.shape[:-2])
 

@@ -26,6 +26,7 @@ from torch import Tensor
 from vitspec.functional import double_centre
 from vitspec.verification import checks as ck
 from vitspec.verification.tally import PREMISE, Tallies
+from vitspec.verification.trajectory import Trajectory, lowpass
 
 SIZES = (16, 64, 197, 577)
 WIDTHS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
@@ -100,7 +101,7 @@ def run_synthetic(
                 ]
         mats = ck.renormalise(torch.cat([m for m, _ in pool]))
         gains = torch.cat([s for _, s in pool])
-        res = ck.lowpass(mats, _randn(gen, mats.shape[0], n, 4), gains, max_steps)
+        res = lowpass(mats, _randn(gen, mats.shape[0], n, 4), gains, max_steps)
         tallies.add("lowpass_limit", None, None, res.outcome)
         _products(tallies, mats, gains, gen)
     return out, points
@@ -154,7 +155,7 @@ def _products(tallies: Tallies, mats: Tensor, gains: Tensor, gen: torch.Generato
     factor."""
     n = mats.shape[-1]
     choice = torch.randint(0, mats.shape[0], (PRODUCT_PATHS, PRODUCT_DEPTH), generator=gen)
-    tr = ck.Trajectory(_randn(gen, PRODUCT_PATHS, n, 4))
+    tr = Trajectory(_randn(gen, PRODUCT_PATHS, n, 4))
     for depth in range(PRODUCT_DEPTH):
         idx = choice[:, depth]
         _, _, outcome = tr.step(mats[idx], gains[idx])
