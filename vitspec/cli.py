@@ -221,7 +221,8 @@ def _report(args: argparse.Namespace) -> int:
 
     page = report(args.folders, args.out, size=args.size, band=args.band, overwrite=args.overwrite)
     figures = len(list(page.parent.rglob("*.png")))
-    _say(args, f"{len(args.folders)} folders -> {page} ({figures} figures, PNG + PDF)")
+    n = len(args.folders)
+    _say(args, f"{n} folder{'s' * (n != 1)} -> {page} ({figures} figures, PNG + PDF)")
     return 0
 
 
