@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,32 @@ __all__ = [
 ]
 
 STATE_FILE = "state.pt"
+
+# run.json fields every shard of one run shares (dotted paths)
+SAME = (
+    "vitspec",
+    "model",
+    "timm_name",
+    "checkpoint",
+    "weights.sha256",
+    "weights.seed",
+    "weights.loaded_key",
+    "random_init",
+    "family",
+    "depth",
+    "sites",
+    "metrics",
+    "images.source",
+    "images.requested",
+    "images.sample",
+    "images.sample_seed",
+    "batch_size",
+    "shard.count",
+    "dtype",
+)
+# run.json fields of the images' geometry, compared among the shards that saw images (a shard
+# without a batch has none)
+GEOMETRY = ("grid",)
 
 
 @dataclass(frozen=True)
@@ -191,3 +217,106 @@ def load_state(folder: Path) -> dict:
     if not path.is_file():
         raise VitspecError(f"{folder} holds no {STATE_FILE}: it is not a shard (run with --shard)")
     return torch.load(path, weights_only=True)
+
+
+# ---- the rules of a merge (vitspec.merge, vitspec.verification.merge) ----------------------
+def _get(info: dict, dotted: str):
+    for key in dotted.split("."):
+        if not isinstance(info, dict):
+            return None
+        info = info.get(key)
+    return info
+
+
+def check_shards(
+    infos: list[dict], same: Sequence[str] = SAME, geometry: Sequence[str] = GEOMETRY
+) -> None:
+    """Same run (the fields ``same`` agree, and ``geometry`` among the shards that saw
+    images), every shard once, disjoint images; else a one-line :class:`VitspecError`.
+
+    Example:
+        >>> check_shards([{"shard": {"index": 0, "count": 1, "images": [0, 1]}}])
+    """
+    for info in infos:
+        if "shard" not in info:
+            where = info.get("_folder", "a run")
+            raise VitspecError(f"{where} is not a shard (it was not run with --shard K/N)")
+    _agree(infos, same)
+    _agree([info for info in infos if _get(info, "images.used") != 0], geometry)
+    first = infos[0]
+    count = first["shard"]["count"]
+    seen: dict[int, str] = {}
+    images: set[int] = set()
+    for info in infos:
+        k = info["shard"]["index"]
+        where = info.get("_folder", f"rank {k}")
+        if k in seen:
+            raise VitspecError(f"shard {k}/{count} given twice ({seen[k]} and {where})")
+        seen[k] = where
+        mine = set(info["shard"]["images"])
+        if images & mine:
+            raise VitspecError(f"{where} overlaps another shard's images")
+        images |= mine
+    missing = sorted(set(range(count)) - set(seen))
+    if missing:
+        raise VitspecError(
+            f"shards {', '.join(f'{k}/{count}' for k in missing)} are missing; "
+            f"merge needs all {count}"
+        )
+
+
+def _agree(infos: list[dict], keys: Sequence[str]) -> None:
+    """The fields ``keys`` (dotted paths) are equal in every one of ``infos``."""
+    first = infos[0] if infos else None
+    for info in infos[1:]:
+        for key in keys:
+            if _get(info, key) != _get(first, key):
+                raise VitspecError(
+                    f"shards differ in {key}: {_get(first, key)!r} "
+                    f"({first.get('_folder', 'shard ' + str(first['shard']['index']))}) vs "
+                    f"{_get(info, key)!r} ({info.get('_folder', info['shard']['index'])}); "
+                    "only shards of one run merge"
+                )
+
+
+def merged_info(infos: list[dict], union: Sequence[str] = ()) -> dict:
+    """The first shard's manifest (shards in index order) with the images, timing and
+    provenance of all of them, and the dicts named in ``union`` joined.
+
+    Example:
+        >>> part = {"images": {"used": 1, "files": ["a.jpg"], "skipped": []},
+        ...         "shard": {"index": 0, "count": 1, "images": [0]}, "wall_time_s": 2.0}
+        >>> merged_info([part])["images_per_s"]
+        0.5
+    """
+    info = {k: v for k, v in infos[0].items() if k not in ("shard", "_folder")}
+    files: dict[int, str] = {}
+    skipped = {}
+    for part in infos:
+        files.update(zip(part["shard"]["images"], part["images"]["files"]))
+        skipped.update({s["path"]: s for s in part["images"]["skipped"]})
+        for key in union:
+            info[key] = {**part.get(key, {}), **info.get(key, {})}
+    used = sum(part["images"]["used"] for part in infos)
+    info["images"] = {
+        **info["images"],
+        "used": used,
+        "files": [files[i] for i in sorted(files)],
+        "skipped": list(skipped.values()),
+    }
+    wall = max(part["wall_time_s"] for part in infos)
+    info["wall_time_s"] = wall
+    info["images_per_s"] = round(used / wall, 3) if wall > 0 else None
+    info["shards"] = [
+        {
+            "index": part["shard"]["index"],
+            "count": part["shard"]["count"],
+            "folder": part.get("_folder"),
+            "images": part["images"]["used"],
+            "device": part.get("device"),
+            "wall_time_s": part.get("wall_time_s"),
+            "command": part.get("command"),
+        }
+        for part in infos
+    ]
+    return info

@@ -3,7 +3,7 @@
 ``verify --shard K/N`` (and every rank under ``torchrun``) saves its verifier's fixed-size state
 (:class:`~vitspec.verification.state.VerifierState`, ``state.pt``) beside verify.csv and
 verify.json. :func:`merge_verify_parts` refuses shards of different runs with the rules of
-:func:`vitspec.merge.check_shards` (plus the checks' own options: seed, max_steps, tolerances),
+:func:`vitspec.shards.check_shards` (plus the checks' own options: seed, max_steps, tolerances),
 folds the states in shard order and tabulates them exactly as a one-process run does: the same
 verify.csv (counts and largest slacks are exact under the merge), the same verdicts, and the
 figures' means to float64 round-off.
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from vitspec.errors import VitspecError
-from vitspec.merge import SAME, check_shards, merged_info
+from vitspec.shards import SAME, check_shards, merged_info
 from vitspec.verification.result import VerifyResult, summarise, table
 from vitspec.verification.state import VerifierState
 
