@@ -13,13 +13,13 @@ from vitspec.capture import check_sites
 from vitspec.collect import PRE, Collector, rows
 from vitspec.engine import available_sites, run
 from vitspec.errors import VitspecError, option
-from vitspec.merge import distributed_device, gather_ranks
+from vitspec.merge import gather_ranks
 from vitspec.metrics import MetricSpec, list_metrics
 from vitspec.outputs import OutputDir
 from vitspec.results import METRIC_COLUMNS, SPECTRA_COLUMNS, Result, moments_frame, validate
 from vitspec.scaling import techniques
 from vitspec.session import Inputs, Weights, check_request, open_session, stderr_warn
-from vitspec.shards import ShardBatches, distributed_shard, parse_shard, plain_state, shard_total
+from vitspec.shards import ShardBatches, plain_state, shard_total, this_part
 from vitspec.sites import Unavailable
 
 
@@ -155,13 +155,7 @@ def analyze(
         trust_checkpoint,
     )
     inputs = Inputs(images, num_images, batch_size, sample, sample_seed)
-    part = parse_shard(shard)
-    ranks = distributed_shard()
-    if ranks is not None:
-        if part is not None:
-            raise VitspecError("--shard cannot be combined with torchrun: each rank is a shard")
-        part = ranks
-        device = distributed_device(device, warn)
+    part, ranks, device = this_part(shard, device)
     request = check_request(model, weights, inputs, device)
     writes = out is not None and (ranks is None or ranks.index == 0)
     claim = OutputDir(out, overwrite=overwrite, protect=[images]) if writes else None

@@ -10,7 +10,6 @@ difference.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from vitspec.outputs import read_info
 from vitspec.results import METRIC_COLUMNS, SPECTRA_COLUMNS, Result, moments_frame, validate
 from vitspec.shards import check_shards, collector_state, load_state, merged_info
 
-__all__ = ["distributed_device", "gather_ranks", "merge_parts", "merge_runs"]
+__all__ = ["gather_ranks", "merge_parts", "merge_runs"]
 
 # the manifest of each command whose shards merge
 MANIFESTS = {"run.json": "analyze", "verify.json": "verify"}
@@ -109,14 +108,6 @@ def _merged_info(infos: list[dict], attn: Collector) -> dict:
 
 
 # ---- torch.distributed --------------------------------------------------------------------
-def distributed_device(device: str, warn: Callable[[str], None] | None = None) -> str:
-    """The device of this rank: ``cuda:LOCAL_RANK`` when CUDA is asked for (or ``auto`` finds
-    it), else ``cpu``."""
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    wants_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return f"cuda:{local}" if wants_cuda else "cpu"
-
-
 def gather_ranks(result, merge: Callable[[Sequence[tuple[dict, dict]]], object] = merge_parts):
     """Under torchrun: every rank's (manifest, state) to rank 0, once; rank 0 gets the run
     ``merge`` folds from them (analyze's :func:`merge_parts` by default), the others their own

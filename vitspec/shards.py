@@ -30,6 +30,7 @@ __all__ = [
     "STATE_FILE",
     "Shard",
     "ShardBatches",
+    "distributed_device",
     "distributed_shard",
     "parse_shard",
     "shard_total",
@@ -163,6 +164,32 @@ def distributed_shard() -> Shard | None:
     if world <= 1:
         return None
     return Shard(int(os.environ["RANK"]), world)
+
+
+def distributed_device(device: str) -> str:
+    """The device of this rank: ``cuda:LOCAL_RANK`` when CUDA is asked for (or ``auto`` finds
+    it), else ``cpu``."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    wants_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return f"cuda:{local}" if wants_cuda else "cpu"
+
+
+def this_part(shard: str | Shard | tuple[int, int] | None, device: str):
+    """This process's part of a run and its device: ``(part, ranks, device)``.
+
+    ``part`` is ``shard`` (``"K/N"``), or under torchrun this rank's shard, which is then also
+    ``ranks`` (else None) and runs on the rank's own GPU when CUDA is used.
+
+    Example:
+        >>> this_part("1/2", "cpu")  # outside torchrun
+        (Shard(index=1, count=2), None, 'cpu')
+    """
+    part, ranks = parse_shard(shard), distributed_shard()
+    if ranks is None:
+        return part, None, device
+    if part is not None:
+        raise VitspecError("--shard cannot be combined with torchrun: each rank is a shard")
+    return ranks, ranks, distributed_device(device)
 
 
 # ---- collector state on disk (tensors and plain Python only: loads with weights_only) --------

@@ -25,11 +25,11 @@ from vitspec.capture import check_sites
 from vitspec.errors import VitspecError, option
 from vitspec.hf import is_hf
 from vitspec.loading import ModelCache, check_checkpoint, check_weights
-from vitspec.merge import distributed_device, gather_ranks
+from vitspec.merge import gather_ranks
 from vitspec.outputs import OutputDir, seal
 from vitspec.results import Result
 from vitspec.session import Inputs, Request, Weights, check_request, open_session, stderr_warn
-from vitspec.shards import ShardBatches, distributed_shard, shard_total
+from vitspec.shards import ShardBatches, distributed_device, distributed_shard, shard_total
 
 INDEX = "index.json"
 
@@ -79,7 +79,7 @@ def iter_checkpoints(
     inputs = Inputs(images, num_images, batch_size, sample, sample_seed)
     ranks = distributed_shard()
     if ranks is not None:
-        device = distributed_device(device, warn)
+        device = distributed_device(device)
     if images is not None and not isinstance(images, (str, Path)):
         raise VitspecError(
             f"{option('images')} must be a folder or an image file with several checkpoints "

@@ -28,10 +28,10 @@ import vitspec
 from vitspec.engine import run
 from vitspec.errors import VitspecError
 from vitspec.inputs import check_count
-from vitspec.merge import distributed_device, gather_ranks
+from vitspec.merge import gather_ranks
 from vitspec.outputs import OutputDir
 from vitspec.session import Inputs, Weights, check_request, open_session, stderr_warn
-from vitspec.shards import ShardBatches, distributed_shard, parse_shard, shard_total
+from vitspec.shards import ShardBatches, shard_total, this_part
 from vitspec.verification.merge import merge_verify_parts, shard_state, unavailable
 from vitspec.verification.result import CHECKS, VERIFY_COLUMNS, VerifyResult, summarise, table
 
@@ -110,16 +110,11 @@ def verify(
     check_usage(model, synthetic=synthetic, sizes=sizes, ckpt=ckpt, random_init=random_init)
     if threads is not None:
         check_count(threads, "threads")
-    part, ranks = parse_shard(shard), distributed_shard()
-    if synthetic and (part is not None or ranks is not None):
+    part, ranks, device = this_part(shard, device)
+    if synthetic and part is not None:
         raise VitspecError(
             "--shard and torchrun split a MODEL's images; run the synthetic suite in one process"
         )
-    if ranks is not None:
-        if part is not None:
-            raise VitspecError("--shard cannot be combined with torchrun: each rank is a shard")
-        part = ranks
-        device = distributed_device(device)
     request = None
     if not synthetic:  # every check before the model is built or an image read
         weights = Weights(
