@@ -64,16 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run directory (default: runs/<model>-<label>); with several --ckpt, the folder "
         "of their run folders (default runs/<model>-checkpoints)",
     )
-    p.add_argument("--label", help="run label (default: checkpoint file stem or random-init)")
-    p.add_argument(
-        "--shard",
-        metavar="K/N",
-        help="analyse part K of N (batches b with b mod N = K) and save state.pt for "
-        "'vitspec merge'; under torchrun every rank is a shard by itself",
-    )
-    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
-    p.add_argument("--no-figures", action="store_true", help="write the tables only")
-    _add_common(p)
+    _add_run_outputs(p, "analyse")
 
     p = sub.add_parser(
         "merge",
@@ -177,16 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", metavar="DIR", help="output directory (default: runs/verify-<model>-<label>)"
     )
-    p.add_argument("--label", help="run label (default: checkpoint file stem or random-init)")
-    p.add_argument(
-        "--shard",
-        metavar="K/N",
-        help="check part K of N of the images (batches b with b mod N = K) and save state.pt "
-        "for 'vitspec merge'; under torchrun every rank is a shard by itself",
-    )
-    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
-    p.add_argument("--no-figures", action="store_true", help="write the tables only")
-    _add_common(p)
+    _add_run_outputs(p, "check")
 
     p = sub.add_parser(
         "report",
@@ -332,6 +314,21 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"vitspec: error: {self.prog.removeprefix('vitspec ')}: {message}\n")
+
+
+def _add_run_outputs(p: argparse.ArgumentParser, verb: str) -> None:
+    """--label, --shard, --overwrite, --no-figures and the common options of a command that
+    runs a model (analyze, verify)."""
+    p.add_argument("--label", help="run label (default: checkpoint file stem or random-init)")
+    p.add_argument(
+        "--shard",
+        metavar="K/N",
+        help=f"{verb} part K of N of the images (batches b with b mod N = K) and save "
+        "state.pt for 'vitspec merge'; under torchrun every rank is a shard by itself",
+    )
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    p.add_argument("--no-figures", action="store_true", help="write the tables only")
+    _add_common(p)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
