@@ -19,7 +19,7 @@ from vitspec.outputs import OutputDir
 from vitspec.results import METRIC_COLUMNS, SPECTRA_COLUMNS, Result, moments_frame, validate
 from vitspec.scaling import techniques
 from vitspec.session import Inputs, Weights, check_request, open_session, stderr_warn
-from vitspec.shards import ShardBatches, plain_state, shard_total, this_part
+from vitspec.shards import ShardBatches, plain_state, restrict, this_part
 from vitspec.sites import Unavailable
 
 
@@ -164,8 +164,7 @@ def analyze(
             model, weights=weights, inputs=inputs, warn=warn, log=log, request=request
         )
         if part is not None:
-            session.batches = ShardBatches(session.batches, part)
-            session.total = shard_total(session.total, batch_size, part)
+            restrict(session, part)
         result = _measure(
             session,
             specs,

@@ -33,6 +33,7 @@ __all__ = [
     "distributed_device",
     "distributed_shard",
     "parse_shard",
+    "restrict",
     "shard_total",
 ]
 
@@ -156,6 +157,13 @@ def shard_total(total: int | None, batch_size: int, part: Shard) -> int | None:
         return None
     sizes = [min(batch_size, total - b * batch_size) for b in range(-(-total // batch_size))]
     return sum(size for b, size in enumerate(sizes) if part.owns(b))
+
+
+def restrict(session, part: Shard) -> None:
+    """Run only ``part``'s batches of a :class:`~vitspec.session.Session` (and count only
+    their images in its progress total)."""
+    session.batches = ShardBatches(session.batches, part)
+    session.total = shard_total(session.total, session.inputs.batch_size, part)
 
 
 def distributed_shard() -> Shard | None:

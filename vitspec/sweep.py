@@ -29,7 +29,7 @@ from vitspec.merge import gather_ranks
 from vitspec.outputs import OutputDir, seal
 from vitspec.results import Result
 from vitspec.session import Inputs, Request, Weights, check_request, open_session, stderr_warn
-from vitspec.shards import ShardBatches, distributed_device, distributed_shard, shard_total
+from vitspec.shards import distributed_device, distributed_shard, restrict
 
 INDEX = "index.json"
 
@@ -120,8 +120,7 @@ def iter_checkpoints(
                     cache=cache,
                 )
                 if ranks is not None:
-                    session.batches = ShardBatches(session.batches, ranks)
-                    session.total = shard_total(session.total, batch_size, ranks)
+                    restrict(session, ranks)
                 result = _measure(
                     session,
                     specs,

@@ -31,7 +31,7 @@ from vitspec.inputs import check_count
 from vitspec.merge import gather_ranks
 from vitspec.outputs import OutputDir
 from vitspec.session import Inputs, Weights, check_request, open_session, stderr_warn
-from vitspec.shards import ShardBatches, shard_total, this_part
+from vitspec.shards import restrict, this_part
 from vitspec.verification.merge import merge_verify_parts, shard_state, unavailable
 from vitspec.verification.result import CHECKS, VERIFY_COLUMNS, VerifyResult, summarise, table
 
@@ -240,8 +240,7 @@ def _model(
 
     session = open_session(model, **request, warn=warn, log=log)
     if part is not None:
-        session.batches = ShardBatches(session.batches, part)
-        session.total = shard_total(session.total, session.inputs.batch_size, part)
+        restrict(session, part)
     verifier = ModelVerifier(session.adapter, session.device, max_steps=max_steps, seed=seed)
     done = run(session, [verifier], progress=progress, warn=warn, log=log)
     if not verifier.tallies and not (part is not None and done.used == 0):
